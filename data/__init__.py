@@ -1,0 +1,1 @@
+"""Data: tokenizers, preparation into megatron-core indexed datasets, the deterministic sampler."""

@@ -1,0 +1,1 @@
+"""Launcher: configuration, command line, training loop, monitoring."""

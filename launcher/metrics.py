@@ -1,0 +1,100 @@
+"""Monitoring: routing figures reduced once per logged step, metrics.jsonl and TensorBoard.
+
+Every rank accumulates the same keys (the competition schedule is identical everywhere), so the
+one all-reduce per logged step is entered by all ranks and never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from competesmoe.moe.layer import MoEAux
+
+
+class RoutingStats:
+    """Sums each MoE layer's figures over the micro-batches of the steps since the last report."""
+
+    def __init__(self):
+        self.sums: list[dict[str, torch.Tensor]] = []
+        self.counts: list[dict[str, int]] = []
+
+    def add(self, moe_aux: list[MoEAux]) -> None:
+        if not self.sums:
+            self.sums = [{} for _ in moe_aux]
+            self.counts = [{} for _ in moe_aux]
+        for sums, counts, aux in zip(self.sums, self.counts, moe_aux):
+            for key, value in aux.stats.items():
+                value = value.detach().float().cpu()
+                sums[key] = sums[key] + value if key in sums else value.clone()
+                counts[key] = counts.get(key, 0) + 1
+
+    def reduce(self, group: dist.ProcessGroup | None) -> list[dict[str, float | list[float]]]:
+        """Mean over micro-batches and ranks; resets the accumulator."""
+        keys = [sorted(s) for s in self.sums]
+        flat = [self.sums[i][k].reshape(-1) / self.counts[i][k] for i, ks in enumerate(keys) for k in ks]
+        if not flat:
+            return []
+        buffer = torch.cat(flat)
+        if group is not None or dist.is_initialized():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+            buffer /= dist.get_world_size(group)
+        layers, offset = [], 0
+        for i, ks in enumerate(keys):
+            layer = {}
+            for k in ks:
+                n = self.sums[i][k].numel()
+                values = buffer[offset:offset + n].tolist()
+                layer[k] = values if self.sums[i][k].dim() > 0 else values[0]
+                offset += n
+            layers.append(layer)
+        self.sums, self.counts = [], []
+        return layers
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard scalars and histograms; only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict, moe_layers: list[dict] | None = None) -> None:
+        if not self.enabled:
+            return
+        step, split = record["step"], record["split"]
+        if moe_layers:
+            record = {**record, "moe": moe_layers}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+        for index, layer in enumerate(moe_layers or []):
+            for key, value in layer.items():
+                if isinstance(value, list):
+                    for expert, share in enumerate(value):
+                        self.tb.add_scalar(f"moe/layer{index}/{key}/expert{expert}", share, step)
+                    self._expert_histogram(f"moe/layer{index}/{key}", value, step)
+                else:
+                    self.tb.add_scalar(f"moe/layer{index}/{key}", value, step)
+
+    def _expert_histogram(self, tag: str, shares: list[float], step: int) -> None:
+        """A histogram whose bins are the experts and whose heights are their shares of tokens."""
+        experts = torch.arange(len(shares), dtype=torch.float64)
+        weights = torch.tensor(shares, dtype=torch.float64)
+        self.tb.add_histogram_raw(tag, min=0.0, max=float(len(shares) - 1), num=float(weights.sum()),
+                                  sum=float((experts * weights).sum()), sum_squares=float((experts**2 * weights).sum()),
+                                  bucket_limits=(experts + 0.5).tolist(), bucket_counts=shares, global_step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

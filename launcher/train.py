@@ -1,0 +1,138 @@
+"""`competesmoe train`: one process, or one rank of a job started by deepspeed/torchrun.
+
+Parse, build, train, close. The launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) says
+which rank this is; without it the process is a world of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from competesmoe.launcher.config import Config, to_dict, validate_world
+from competesmoe.launcher.errors import UserError
+from competesmoe.launcher.metrics import MetricsWriter
+from competesmoe.launcher.trainer import Trainer, pick_device
+from competesmoe.parallel.groups import build_groups
+
+CHECKPOINTS = "checkpoints"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: Config, device: torch.device) -> None:
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=10))
+
+
+def check_output_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse to start fresh on top of another run (nothing is overwritten)."""
+    ckpt = run_dir / CHECKPOINTS
+    has_checkpoints = ckpt.is_dir() and any(ckpt.iterdir())
+    if cfg.resume == "none" and (has_checkpoints or (run_dir / "metrics.jsonl").exists()):
+        raise UserError(f"output_dir {run_dir} already holds a run; continue it with resume=auto "
+                        f"or choose a new output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {run_dir} is not writable ({err.strerror}); choose another output_dir") from None
+
+
+def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
+    from competesmoe.data.prepare import prepare, resolve_corpus
+
+    resolve_corpus(cfg.data.path)  # every rank fails the same way on a bad corpus
+    data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
+    if rank == 0:
+        prepare(cfg.data, data_dir, progress=True)
+    dist.barrier()
+    return data_dir
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    tags = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(cfg: Config) -> None:
+    torch.set_num_threads(cfg.parallel.threads_per_rank)
+    device = pick_device(cfg.parallel.device)
+    run_dir = Path(cfg.output_dir)
+    check_output_dir(cfg, run_dir)
+    init_distributed(cfg, device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    validate_world(cfg, world)
+    groups = build_groups(cfg.parallel.expert_parallel_size)
+    data_dir = prepare_data(cfg, run_dir, rank)
+
+    trainer = Trainer(cfg, groups, device, data_dir)
+    ckpt_root = run_dir / CHECKPOINTS
+    if cfg.resume != "none":
+        source = ckpt_root if cfg.resume == "auto" else Path(cfg.resume)
+        if source.is_dir() and trainer.load_checkpoint(source) is not None and rank == 0:
+            print(f"resumed from {source} at step {trainer.step}")
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    writer = MetricsWriter(run_dir, enabled=rank == 0)
+    try:
+        fit(trainer, writer, ckpt_root, rank)
+    finally:
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int) -> None:
+    from tqdm import tqdm
+
+    t = trainer.cfg.train
+    bar = tqdm(total=t.max_steps, initial=trainer.step, disable=rank != 0, desc="train", unit="step")
+    while trainer.step < t.max_steps:
+        record = trainer.train_step()
+        step = trainer.step
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % t.log_every == 0 or step == t.max_steps:
+            writer.write(record, trainer.take_routing_stats())
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            writer.write(trainer.evaluate("valid"))
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            save(trainer, ckpt_root, rank)
+    bar.close()
+    for split in ("valid", "test"):
+        result = trainer.evaluate(split)
+        writer.write(result)
+        if rank == 0:
+            figure = "bpc" if "bpc" in result else "ppl"
+            print(f"{split}: loss {result['loss']:.4f} {figure} {result[figure]:.4f}")
+    save(trainer, ckpt_root, rank)
+
+
+def save(trainer: Trainer, ckpt_root: Path, rank: int) -> None:
+    trainer.save_checkpoint(ckpt_root)
+    if rank == 0:
+        prune_checkpoints(ckpt_root, trainer.cfg.train.keep_checkpoints)

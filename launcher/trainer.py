@@ -1,0 +1,214 @@
+"""The Trainer: builds model, data and the DeepSpeed engine from a Config, and runs steps.
+
+Process groups come in explicitly (a ParallelGroups); nothing here reads them from globals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from competesmoe.data.loader import TrainSampler, eval_batches, load_meta
+from competesmoe.launcher.config import Config
+from competesmoe.launcher.metrics import RoutingStats
+from competesmoe.moe.model import TransformerLM
+from competesmoe.moe.schedule import CompetitionSchedule
+from competesmoe.parallel.groups import ParallelGroups
+from competesmoe.parallel.parallelize import parallelize
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps (a factor of train.lr)."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (including stacked experts); not norms or the router (it is a distribution)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or "router" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, groups: ParallelGroups, device: torch.device, data_dir: Path):
+        import deepspeed
+
+        self.cfg = cfg
+        self.groups = groups
+        self.device = device
+        self.data_dir = data_dir
+        self.meta = load_meta(data_dir)
+        self.step = 0
+
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
+        self.num_moe_layers = len(model.moe_layers)
+        model = parallelize(model, cfg, groups)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=self._make_optimizer(model),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+            config=deepspeed_config(cfg),
+        )
+        # Per-rank streams for dropout and router jitter, distinct between ranks.
+        seed_everything(cfg.train.seed + 1000 * (groups.rank + 1))
+
+        self.schedule = CompetitionSchedule(cfg.moe.competition, cfg.train.seed, cfg.train.max_steps,
+                                            self.num_moe_layers, enabled=cfg.moe.router == "competesmoe")
+        self.sampler = TrainSampler(data_dir, "train", cfg.model.seq_len, cfg.train.micro_batch_size,
+                                    groups.rank, groups.dp_size, cfg.train.seed)
+        self.routing_stats = RoutingStats()
+
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from competesmoe.parallel.parallelize import optimizer_param_groups
+
+        t = self.cfg.train
+        groups = optimizer_param_groups(param_groups(model, t.weight_decay))
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), eps=1e-8)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.groups.dp_size * self.cfg.model.seq_len
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns the step's figures."""
+        self.engine.train()
+        start = time.perf_counter()
+        compete = self.schedule.layers_at(self.step)
+        lm_loss_sum = 0.0
+        for micro in range(self.cfg.train.grad_accum):
+            if self.cfg.moe.competition.variant == "v1":
+                compete = self.schedule.layers_at(self.step, micro)
+            inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
+            out = self.engine(inputs_BS, targets_BS, compete)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            lm_loss_sum += out.lm_loss.detach().float().item()
+            self.routing_stats.add(out.moe_aux)
+        self.step += 1
+        lm_loss = torch.tensor(lm_loss_sum / self.cfg.train.grad_accum)
+        if dist.is_initialized():
+            dist.all_reduce(lm_loss, group=self.groups.dp)
+            lm_loss /= self.groups.dp_size
+        elapsed = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.step,
+            "split": "train",
+            "loss": lm_loss.item(),
+            **self._quality(lm_loss.item()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": self.tokens_per_step / elapsed,
+            "competing_layers": sorted(compete),
+        }
+
+    def _quality(self, nats: float) -> dict:
+        if self.meta["tokenizer"]["kind"] == "byte":
+            return {"bpc": nats / math.log(2)}
+        return {"ppl": math.exp(min(nats, 50.0))}
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        """Mean next-token loss on a split (never competes); every rank runs the same batch count."""
+        self.engine.eval()
+        t = self.cfg.train
+        total = torch.zeros(2, dtype=torch.float64)
+        for inputs_BS, targets_BS in eval_batches(self.data_dir, split, self.cfg.model.seq_len, t.micro_batch_size,
+                                                  self.groups.rank, self.groups.dp_size, t.eval_batches):
+            out = self.engine(inputs_BS.to(self.device), targets_BS.to(self.device))
+            total += torch.tensor([out.lm_loss.double().item() * targets_BS.numel(), targets_BS.numel()])
+        if dist.is_initialized():
+            dist.all_reduce(total, group=self.groups.dp)
+        nats = (total[0] / total[1].clamp_min(1)).item()
+        return {"step": self.step, "split": split, "loss": nats, **self._quality(nats)}
+
+    def take_routing_stats(self) -> list[dict]:
+        return self.routing_stats.reduce(self.groups.dp)
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Trainer state beyond model/optimizer/scheduler (which DeepSpeed checkpoints)."""
+        return {"step": self.step, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+
+    def rng_state(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_rng_state(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def save_checkpoint(self, ckpt_root: Path) -> str:
+        tag = f"step{self.step:08d}"
+        self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"trainer": self.state_dict()})
+        torch.save(self.rng_state(), ckpt_root / tag / f"rng_rank{self.groups.rank:05d}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        return tag
+
+    def load_checkpoint(self, ckpt_root: Path) -> str | None:
+        path, client_state = self.engine.load_checkpoint(str(ckpt_root))
+        if path is None:
+            return None
+        self.load_state_dict(client_state["trainer"])
+        tag_dir = Path(path).parent if Path(path).is_file() else Path(path)
+        rng_file = tag_dir / f"rng_rank{self.groups.rank:05d}.pt"
+        if rng_file.exists():
+            self.load_rng_state(torch.load(rng_file, weights_only=False))
+        return str(path)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

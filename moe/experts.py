@@ -1,0 +1,82 @@
+"""Feed-forward experts held as stacked weights.
+
+Shape legend:
+  T tokens, D d_model, F expert hidden width, E experts held here (all, or a rank's local slice),
+  N tokens routed to the experts here, sorted by expert, G tokens that every expert answers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupedExperts(nn.Module):
+    """E feed-forward experts (GELU or SwiGLU) stored as stacked [E, ...] weights.
+
+    `forward` runs tokens already sorted by expert with one matrix product per expert and layer
+    (no loop over tokens); `forward_all` lets every expert answer every token (competition).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu"):
+        super().__init__()
+        self.activation = activation
+        in_width = 2 * hidden if activation == "swiglu" else hidden
+        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in_EDF.shape[0]
+
+    def reset_parameters(self) -> None:
+        d_model, hidden = self.w_in_EDF.shape[1], self.w_out_EFD.shape[1]
+        nn.init.normal_(self.w_in_EDF, std=1.0 / math.sqrt(d_model))
+        nn.init.normal_(self.w_out_EFD, std=1.0 / math.sqrt(hidden))
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_ND holds counts[e] consecutive tokens for expert e; returns their outputs in the same order."""
+        outputs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            x_nD = x_ND[start:start + n]
+            outputs.append(self._act(x_nD @ self.w_in_EDF[e]) @ self.w_out_EFD[e])
+            start += n
+        if not outputs:
+            # No tokens here: keep every parameter in the graph so backward reaches it with zeros.
+            return x_ND.new_zeros(0, x_ND.shape[1]) + 0.0 * (self.w_in_EDF.sum() + self.w_out_EFD.sum())
+        return torch.cat(outputs, dim=0)
+
+    def forward_all(self, x_GD: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: returns o_EGD."""
+        h_EGF = torch.matmul(x_GD.unsqueeze(0), self.w_in_EDF)
+        return torch.matmul(self._act(h_EGF), self.w_out_EFD)
+
+
+class DenseFFN(nn.Module):
+    """The dense feed-forward block (GLaM's dense layers and the dense baseline)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu"):
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, 2 * hidden if activation == "swiglu" else hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(F.silu(gate) * up)
+        return self.w_out(F.gelu(h))

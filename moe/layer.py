@@ -1,0 +1,125 @@
+"""The MoE layer: a routing policy (router step or competition step) over a token transport.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D d_model, E global experts, e local experts,
+K choices per token, A kept assignments, N tokens at this rank's experts, G tokens answered by
+every local expert in a competition step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from competesmoe.launcher.config import MoEConfig
+from competesmoe.moe import routing
+from competesmoe.moe.dispatch import LocalDispatcher
+from competesmoe.moe.experts import GroupedExperts
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer's forward reports besides its output: the weighted auxiliary loss and
+    detached figures for monitoring. Returned, never stored on the module."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def capacity_keep_mask(expert_A: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Keep the first `capacity` assignments of each expert in assignment (token-major) order."""
+    order_A = torch.argsort(expert_A, stable=True)
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_in_expert_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - starts_E[expert_A[order_A]]
+    keep_A = torch.empty_like(expert_A, dtype=torch.bool)
+    keep_A[order_A] = rank_in_expert_sorted < capacity
+    return keep_A
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.router = routing.Router(d_model, cfg.num_experts)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation)
+        # The transport; `parallelize` swaps in an expert-parallel one and shards `experts`.
+        self.dispatcher = LocalDispatcher(cfg.num_experts)
+
+    def forward(self, x_BSD: torch.Tensor, compete: bool = False) -> tuple[torch.Tensor, MoEAux]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if compete and self.cfg.router == "competesmoe" and self.training:
+            y_TD, aux = self._competition_step(x_TD)
+        else:
+            y_TD, aux = self._router_step(x_TD)
+        return y_TD.view_as(x_BSD), aux
+
+    # ------------------------------------------------------------------------------------------
+    def _router_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        cfg = self.cfg
+        logits_TE = self.router(x_TD, cfg.jitter)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        weights_TK, experts_TK = routing.topk_renormalised(probs_TE, self.top_k)
+
+        num_tokens = x_TD.shape[0]
+        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(self.top_k)
+        expert_A, weight_A = experts_TK.reshape(-1), weights_TK.reshape(-1)
+        if cfg.capacity_factor > 0:
+            capacity = math.ceil(cfg.capacity_factor * num_tokens * self.top_k / self.num_experts)
+            keep_A = capacity_keep_mask(expert_A, self.num_experts, capacity)
+            token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
+
+        x_ND, meta = self.dispatcher.dispatch(x_TD, token_A, expert_A)
+        y_ND = self.experts(x_ND, meta.counts)
+        y_TD = self.dispatcher.combine(y_ND, weight_A, meta, num_tokens).to(x_TD.dtype)
+
+        balance = routing.switch_balance_loss(probs_TE, experts_TK)
+        zloss = routing.z_loss(logits_TE)
+        loss = cfg.balance_coef * balance + cfg.z_loss_coef * zloss
+        stats = self._common_stats(probs_TE, experts_TK, competed=False)
+        stats.update(balance_loss=balance.detach(), z_loss=zloss.detach())
+        if cfg.capacity_factor > 0:
+            stats["dropped_fraction"] = 1.0 - weight_A.new_tensor(expert_A.numel() / max(experts_TK.numel(), 1))
+        return y_TD, MoEAux(loss=loss, stats=stats)
+
+    def _competition_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """Every expert answers every token; the highest affinities win (spec section 2)."""
+        comp = self.cfg.competition
+        # The router only learns from distillation here: no task gradient reaches it.
+        p_router_TE = torch.softmax(self.router(x_TD), dim=-1)
+
+        x_GD, meta = self.dispatcher.gather_tokens(x_TD)
+        outputs_eGD = self.experts.forward_all(x_GD)
+        scores_Ge = routing.AFFINITIES[comp.affinity](outputs_eGD.float()).transpose(0, 1)
+        scores_TE = self.dispatcher.gather_scores(scores_Ge, meta)
+
+        top_scores_TK, winners_TK = scores_TE.topk(self.top_k, dim=-1)
+        weights_TK = routing.competition_weights(top_scores_TK, comp.variant)
+        outputs_TKD = self.dispatcher.gather_winners(outputs_eGD, winners_TK, meta)
+        y_TD = (weights_TK.unsqueeze(-1).to(outputs_TKD.dtype) * outputs_TKD).sum(1).to(x_TD.dtype)
+
+        p_comp_TE = torch.softmax(scores_TE.float(), dim=-1)
+        distill = routing.router_distillation_loss(p_router_TE, p_comp_TE)
+        hybrid = routing.hybrid_loss(p_router_TE, p_comp_TE, winners_TK)
+        diversity = routing.diversity_loss(outputs_TKD)
+        balance = routing.switch_balance_loss(p_comp_TE, winners_TK[:, :1])
+        loss = (comp.router_loss_coef * distill + comp.hybrid_coef * hybrid
+                + comp.diversity_coef * diversity + comp.balance_coef * balance)
+
+        stats = self._common_stats(p_router_TE, winners_TK, competed=True)
+        router_choice_TK = p_router_TE.topk(self.top_k, dim=-1).indices
+        stats.update(router_loss=distill.detach(), hybrid_loss=hybrid.detach(), diversity_loss=diversity.detach(),
+                     competition_balance_loss=balance.detach(),
+                     router_competition_overlap=routing.topk_overlap(router_choice_TK, winners_TK))
+        return y_TD, MoEAux(loss=loss, stats=stats)
+
+    def _common_stats(self, probs_TE, chosen_TK, competed: bool) -> dict[str, torch.Tensor]:
+        return {
+            "expert_fraction": routing.expert_fraction(chosen_TK, self.num_experts),
+            "router_entropy": routing.entropy(probs_TE.detach()),
+            "competed": probs_TE.new_tensor(float(competed)),
+        }

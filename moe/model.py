@@ -1,0 +1,141 @@
+"""A decoder-only Transformer LM whose FFNs are MoE layers ("switch"), alternate dense/MoE ("glam"),
+or are all dense ("dense"). It knows nothing of parallelism.
+
+Shape legend: B batch, S sequence, D d_model, H heads, Dh head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from competesmoe.launcher.config import ModelConfig, MoEConfig
+from competesmoe.moe.experts import DenseFFN
+from competesmoe.moe.layer import MoEAux, MoELayer
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: torch.Tensor
+    lm_loss: torch.Tensor | None
+    """Mean next-token cross-entropy in nats (None without targets)."""
+    aux_loss: torch.Tensor
+    """Sum over MoE layers of their weighted auxiliary losses."""
+    moe_aux: list[MoEAux] = field(default_factory=list)
+    """Per MoE layer, in order: the loss terms and routing figures."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.lm_loss + self.aux_loss
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles_SH.cos(), angles_SH.sin()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    seq = x_BHSDh.shape[-2]
+    x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+    cos, sin = cos_SH[:seq], sin_SH[:seq]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSDh.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.rotary = cfg.positions == "rotary"
+        if self.rotary:
+            cos, sin = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x_BSD.shape
+        qkv = self.qkv(x_BSD).view(batch, seq, 3, self.n_heads, d_model // self.n_heads)
+        q_BHSDh, k_BHSDh, v_BHSDh = qkv.permute(2, 0, 3, 1, 4)
+        if self.rotary:
+            q_BHSDh = apply_rotary(q_BHSDh, self.rotary_cos, self.rotary_sin)
+            k_BHSDh = apply_rotary(k_BHSDh, self.rotary_cos, self.rotary_sin)
+        out = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, use_moe: bool):
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm_ffn = nn.RMSNorm(cfg.d_model)
+        self.ffn = MoELayer(moe_cfg, cfg.d_model) if use_moe else DenseFFN(cfg.d_model, cfg.dense_hidden, moe_cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x_BSD: torch.Tensor, compete: bool) -> tuple[torch.Tensor, MoEAux | None]:
+        x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
+        h_BSD = self.norm_ffn(x_BSD)
+        if self.is_moe:
+            y_BSD, aux = self.ffn(h_BSD, compete=compete)
+        else:
+            y_BSD, aux = self.ffn(h_BSD), None
+        return x_BSD + self.drop(y_BSD), aux
+
+
+def uses_moe(layout: str, block_index: int) -> bool:
+    return layout == "switch" or (layout == "glam" and block_index % 2 == 1)
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, uses_moe(cfg.layout, i)) for i in range(cfg.n_layers))
+        self.norm_out = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:  # scaled residual projections (GPT-2)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                compete_layers: frozenset[int] = frozenset()) -> ModelOutput:
+        """compete_layers: indices (among MoE layers, from 0) that run a competition step now."""
+        x_BSD = self.embed(tokens_BS)
+        if self.pos_embed is not None:
+            x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
+        moe_aux: list[MoEAux] = []
+        for block in self.blocks:
+            x_BSD, aux = block(x_BSD, compete=len(moe_aux) in compete_layers)
+            if aux is not None:
+                moe_aux.append(aux)
+        logits_BSV = self.head(self.norm_out(x_BSD))
+        lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        aux_loss = sum((a.loss for a in moe_aux), logits_BSV.new_zeros((), dtype=torch.float32))
+        return ModelOutput(logits_BSV=logits_BSV, lm_loss=lm_loss, aux_loss=aux_loss, moe_aux=moe_aux)

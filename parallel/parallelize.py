@@ -1,0 +1,42 @@
+"""The parallelize step: turns the single-process model into its distributed form.
+
+The model is built whole (every rank the same weights from the same seed); this step then
+applies expert parallelism (shard each MoE layer's experts, swap in the all-to-all transport)
+and tags expert parameters for DeepSpeed's expert-data-parallel gradient reduction.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from competesmoe.launcher.config import Config
+from competesmoe.moe.model import TransformerLM
+from competesmoe.parallel.groups import ParallelGroups
+
+
+def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> TransformerLM:
+    if groups.ep_size > 1:
+        apply_expert_parallel(model, cfg, groups)
+    return model
+
+
+def apply_expert_parallel(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> None:
+    from competesmoe.parallel.expert_parallel import AllToAllDispatcher
+
+    for layer in model.moe_layers:
+        local = layer.num_experts // groups.ep_size
+        first = groups.ep_rank * local
+        experts = layer.experts
+        experts.w_in_EDF = nn.Parameter(experts.w_in_EDF.detach()[first:first + local].clone())
+        experts.w_out_EFD = nn.Parameter(experts.w_out_EFD.detach()[first:first + local].clone())
+        layer.dispatcher = AllToAllDispatcher(layer.num_experts, groups, cfg.moe.competition.gather)
+
+
+def optimizer_param_groups(groups: list[dict]) -> list[dict]:
+    """Hook for splitting expert parameters into their own optimizer groups (EP with ZeRO)."""
+    return groups
+
+
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
