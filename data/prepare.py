@@ -211,7 +211,8 @@ def _train_sentencepiece(train_bytes: bytes, data_cfg, model_path: Path, source:
         if m:
             need = int(m.group(2))
             raise UserError(f"data.vocab_size ({vocab}) is too small for {source.name}: SentencePiece with byte "
-                            f"fallback needs more than {need} pieces; raise data.vocab_size (e.g. {max(512, 2 * need)})") from None
+                            f"fallback needs at least {need} pieces (256 bytes, special pieces and the corpus's "
+                            f"characters); raise data.vocab_size (e.g. {max(512, 2 * need)})") from None
         if "too high" in msg.lower() or "vocabulary size" in msg.lower():
             raise UserError(f"data.vocab_size ({vocab}) does not fit {source.name}: {msg}; lower data.vocab_size") from None
         raise UserError(f"SentencePiece training on {source.name} failed ({msg}); check data.vocab_size and data.spm_model_type") from None

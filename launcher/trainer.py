@@ -20,6 +20,7 @@ from competesmoe.launcher.config import Config
 from competesmoe.launcher.metrics import RoutingStats
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.schedule import CompetitionSchedule
+from competesmoe.parallel import deepspeed_moe
 from competesmoe.parallel.groups import ParallelGroups
 from competesmoe.parallel.parallelize import parallelize
 
@@ -42,7 +43,8 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        # DeepSpeed's ZeRO-0 clipping is wrong with expert parallelism: we clip ourselves there.
+        "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,
@@ -82,12 +84,15 @@ class Trainer:
         model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
         self.num_moe_layers = len(model.moe_layers)
         model = parallelize(model, cfg, groups)
+        ds_config = deepspeed_config(cfg)
+        deepspeed_moe.check_config(ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=self._make_optimizer(model),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-            config=deepspeed_config(cfg),
+            config=ds_config,
         )
+        self.has_experts = self.num_moe_layers > 0
         # Per-rank streams for dropout and router jitter, distinct between ranks.
         seed_everything(cfg.train.seed + 1000 * (groups.rank + 1))
 
@@ -98,10 +103,10 @@ class Trainer:
         self.routing_stats = RoutingStats()
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from competesmoe.parallel.parallelize import optimizer_param_groups
-
         t = self.cfg.train
-        groups = optimizer_param_groups(param_groups(model, t.weight_decay))
+        groups = param_groups(model, t.weight_decay)
+        if self.num_moe_layers:  # ZeRO 1/2 partition expert groups over the expert-data-parallel group
+            groups = deepspeed_moe.optimizer_param_groups(groups)
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), eps=1e-8)
 
     @property
@@ -122,6 +127,8 @@ class Trainer:
             inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
             out = self.engine(inputs_BS, targets_BS, compete)
             self.engine.backward(out.loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
+                grad_norm = self._clip_zero0()
             self.engine.step()
             lm_loss_sum += out.lm_loss.detach().float().item()
             self.routing_stats.add(out.moe_aux)
@@ -131,17 +138,25 @@ class Trainer:
             dist.all_reduce(lm_loss, group=self.groups.dp)
             lm_loss /= self.groups.dp_size
         elapsed = time.perf_counter() - start
-        grad_norm = self.engine.get_global_grad_norm()
+        if self.cfg.train.zero_stage > 0:
+            grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.step,
             "split": "train",
             "loss": lm_loss.item(),
             **self._quality(lm_loss.item()),
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": self.tokens_per_step / elapsed,
             "competing_layers": sorted(compete),
         }
+
+    def _clip_zero0(self) -> float:
+        """Global gradient norm (each expert counted once), and clipping, for ZeRO 0."""
+        module, clip = self.engine.module, self.cfg.train.grad_clip
+        if clip > 0:
+            return float(deepspeed_moe.clip_grad_norm_ep(module, clip))
+        return float(deepspeed_moe.global_grad_norm(module))
 
     def _quality(self, nats: float) -> dict:
         if self.meta["tokenizer"]["kind"] == "byte":
@@ -188,14 +203,21 @@ class Trainer:
 
     def save_checkpoint(self, ckpt_root: Path) -> str:
         tag = f"step{self.step:08d}"
-        self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"trainer": self.state_dict()})
+        client_state = {"trainer": self.state_dict()}
+        if self.has_experts:  # experts are written once per EP rank, outside DeepSpeed's model file
+            deepspeed_moe.save_checkpoint(self.engine, str(ckpt_root), tag=tag, client_state=client_state)
+        else:
+            self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
         torch.save(self.rng_state(), ckpt_root / tag / f"rng_rank{self.groups.rank:05d}.pt")
         if dist.is_initialized():
             dist.barrier()
         return tag
 
     def load_checkpoint(self, ckpt_root: Path) -> str | None:
-        path, client_state = self.engine.load_checkpoint(str(ckpt_root))
+        if not (ckpt_root / "latest").is_file():
+            return None
+        load = deepspeed_moe.load_checkpoint if self.has_experts else type(self.engine).load_checkpoint
+        path, client_state = load(self.engine, str(ckpt_root))
         if path is None:
             return None
         self.load_state_dict(client_state["trainer"])

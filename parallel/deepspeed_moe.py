@@ -31,19 +31,19 @@ The recipe:
      into the module state through DeepSpeed's `custom_load_fn`, i.e. before the engine restores
      ZeRO partitions / refreshes fp32 master weights.
 
-Known DeepSpeed shortfalls (0.19.8), see `check_config`:
-  * ZeRO 0 (fp32 and bf16) gradient clipping averages per-rank norms instead of computing the
-    global norm: with EP>1 the clip factor differs from EP=1. Use `clip_grad_norm_ep` between
-    `engine.backward` and `engine.step` with `gradient_clipping: 0`, or ZeRO 1/2.
-  * ZeRO 1/2 with `reduce_scatter: false` averages expert grads over all ranks (wrong);
-    keep the default `reduce_scatter: true`.
+Known DeepSpeed shortfalls (0.19.8), refused by `check_config`:
+  * ZeRO 0 gradient clipping is not EP=1: fp32 (runtime.utils.clip_grad_norm_) averages the
+    per-rank norms; bf16/fp16 (FP16_UnfusedOptimizer) leaves expert grads out of the norm. Set
+    `gradient_clipping: 0` and call `clip_grad_norm_ep(model, max_norm)` between `engine.backward`
+    and `engine.step` (at the accumulation boundary), or use ZeRO 1/2 (their clipping is right).
+  * ZeRO 1 with `contiguous_gradients: false` silently all-reduces expert grads over all ranks
+    (DeepSpeed only warns). ZeRO 2 asserts contiguous_gradients, ZeRO 1/2 assert reduce_scatter.
   * ZeRO 3 is not supported with this marker (DeepSpeed refuses native MoE layers at stage 3).
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -208,12 +208,17 @@ def check_config(config: dict) -> None:
     if stage >= 3:
         raise ValueError("ZeRO 3 is not supported with our stacked-expert MoE marker")
     if stage in (1, 2) and zero.get("reduce_scatter", True) is False:
-        raise ValueError("ZeRO 1/2 with reduce_scatter=false all-reduces expert grads over all ranks; "
-                         "keep reduce_scatter=true")
+        # DeepSpeed asserts this itself for MoE; fail early with the reason.
+        raise ValueError("ZeRO 1/2 with MoE needs reduce_scatter=true")
+    if stage == 1 and zero.get("contiguous_gradients", True) is False:
+        # DeepSpeed only warns; its non-contiguous fallback averages expert grads over all ranks.
+        raise ValueError("ZeRO 1 with contiguous_gradients=false reduces expert grads over all ranks (wrong)")
     if stage == 0 and float(config.get("gradient_clipping", 0.0) or 0.0) > 0.0:
-        raise ValueError("DeepSpeed's ZeRO-0 gradient clipping is wrong with EP>1 (it averages per-rank "
-                         "norms); set gradient_clipping=0 and call clip_grad_norm_ep between backward "
-                         "and step, or use ZeRO 1/2")
+        # fp32: clip_grad_norm_ averages per-rank norms; fp16/bf16 (FP16_UnfusedOptimizer) leaves the
+        # expert grads out of the norm. Neither equals EP=1.
+        raise ValueError("DeepSpeed's ZeRO-0 gradient clipping is wrong with expert parallelism; set "
+                         "gradient_clipping=0 and call clip_grad_norm_ep between backward and step, "
+                         "or use ZeRO 1/2")
 
 
 def make_engine(model: nn.Module,
@@ -348,11 +353,10 @@ def load_expert_state(ckpt_dir: str, names: Iterable[str], expert_start: int, nu
     pieces = {n: {} for n in names}
     for f in files:
         m = EXPERT_FILE_RE.search(f)
-        saved_ep = int(m.group(2))
-        # cheap range check from the name before loading the payload
         payload = torch.load(f, map_location="cpu", weights_only=True)
         s, k = payload["expert_start"], payload["num_local_experts"]
-        assert payload["ep_size"] == saved_ep
+        if (payload["ep_rank"], payload["ep_size"]) != (int(m.group(1)), int(m.group(2))):
+            raise RuntimeError(f"{f}: payload says ep rank {payload['ep_rank']} of {payload['ep_size']}")
         lo, hi = max(s, expert_start), min(s + k, expert_start + num_local)
         if lo >= hi:
             continue

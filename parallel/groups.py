@@ -40,14 +40,6 @@ class ParallelGroups:
         return self.world_size // self.ep_size
 
 
-def ep_group_ranks(world_size: int, ep_size: int) -> list[list[int]]:
-    return [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
-
-
-def edp_group_ranks(world_size: int, ep_size: int) -> list[list[int]]:
-    return [list(range(offset, world_size, ep_size)) for offset in range(ep_size)]
-
-
 def single_process_groups() -> ParallelGroups:
     return ParallelGroups(world_size=1, rank=0, ep_size=1, ep=None, edp=None, dp=None)
 
@@ -59,17 +51,12 @@ def build_groups(ep_size: int) -> ParallelGroups:
             raise UserError(f"parallel.expert_parallel_size ({ep_size}) needs {ep_size} ranks; "
                             f"start the job with `competesmoe launch --nproc {ep_size} ...`")
         return single_process_groups()
+    from competesmoe.parallel.deepspeed_moe import ensure_expert_groups
+
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % ep_size:
         raise UserError(f"world size ({world} ranks) must be divisible by parallel.expert_parallel_size ({ep_size})")
-    ep_group = edp_group = None
-    for ranks in ep_group_ranks(world, ep_size):  # every rank creates every group, in the same order
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            ep_group = group
-    for ranks in edp_group_ranks(world, ep_size):
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            edp_group = group
-    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep=ep_group, edp=edp_group,
-                          dp=dist.group.WORLD)
+    # DeepSpeed reduces expert gradients over its own EDP groups: share them, one source of truth.
+    ds_groups = ensure_expert_groups(ep_size)
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep=ds_groups.ep_group,
+                          edp=ds_groups.edp_group, dp=dist.group.WORLD)

@@ -4,7 +4,6 @@ one process set per (world size, ep size), reused across all cases."""
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import socket
@@ -12,6 +11,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -44,8 +44,7 @@ class ToyMoE(nn.Module):
         h_TD = x_TD @ self.w_dense.to(x_TD.dtype)
         send = h_TD[order_T]  # sorted by global expert: [E*C, D]
         if ep_size > 1:
-            import torch.distributed.nn.functional as dnn
-            recv = dnn.all_to_all_single(torch.empty_like(send), send, group=ep_group)
+            recv = funcol.all_to_all_single_autograd(send, None, None, ep_group)
         else:
             recv = send
         e_local = E // ep_size
@@ -54,8 +53,7 @@ class ToyMoE(nn.Module):
         o_ESD = torch.bmm(F.gelu(torch.bmm(x_ESD, w_in.to(x_ESD.dtype))), w_out.to(x_ESD.dtype))
         back = o_ESD.view(e_local, ep_size, C, D).transpose(0, 1).reshape(ep_size * e_local * C, D)
         if ep_size > 1:
-            import torch.distributed.nn.functional as dnn
-            back = dnn.all_to_all_single(torch.empty_like(back), back.contiguous(), group=ep_group)
+            back = funcol.all_to_all_single_autograd(back.contiguous(), None, None, ep_group)
         out = torch.empty_like(back)
         out[order_T] = back
         return h_TD + out
@@ -120,6 +118,7 @@ def _config(stage: int, bf16: bool = False, clip: float = 0.0):
         "gradient_clipping": clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # torch SGD under ZeRO 1/2
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
@@ -194,22 +193,34 @@ def _worker(rank, world, ep, port, tmpdir):
         train_step(engine, step, our_clip=clip)
         check(engine, ref_clip[step], f"zero0 our-clip step{step}")
     engine.destroy()
-    with pytest.raises(ValueError, match="clipping"):
-        dsm.check_config(_config(0, clip=1.0))
 
-    # 3) bf16: one step; compare the update against fp32 EP=1 (loose: bf16 forward/params).
+    # 3) bf16: one step, compared through the fp32 master weights against fp32 EP=1 (loose:
+    #    bf16 forward). Unclipped, and clipped (ZeRO 0: our clipping; ZeRO 1/2: DeepSpeed's).
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def masters(engine):
+        out = {}
+        for n, p in engine.module.named_parameters():
+            v = safe_get_full_fp32_param(p)
+            if v is None:  # ZeRO 0 bf16: FP16_UnfusedOptimizer keeps fp32 copies per group
+                v = next(f for fg, hg in zip(engine.optimizer.fp32_groups, engine.optimizer.fp16_groups)
+                         for f, h in zip(fg, hg) if h is p)
+            out[n] = v.detach().float().clone()
+        return out
+
     for stage in (0, 1, 2):
-        engine = new_engine(stage, bf16=True)
-        before = {k: v.float().clone() for k, v in engine.module.state_dict().items()}
-        train_step(engine, 0, dtype=torch.bfloat16)
-        after = engine.module.state_dict()
-        ref0 = local_slice(full, g.ep_rank, e_local)
-        ref1 = local_slice(ref[0], g.ep_rank, e_local)
-        for k in ref1:
-            d_mine, d_ref = after[k].float() - before[k], ref1[k] - ref0[k]
-            rel = ((d_mine - d_ref).norm() / d_ref.norm()).item()
-            assert rel < 0.05, f"rank {rank} bf16 zero{stage} {k}: relative update error {rel:.3f}"
-        engine.destroy()
+        for max_norm, ref_bf in ((0.0, ref), (clip, ref_clip)):
+            engine = new_engine(stage, bf16=True, clip=max_norm if stage else 0.0)
+            before = masters(engine)
+            train_step(engine, 0, dtype=torch.bfloat16, our_clip=max_norm if stage == 0 else 0.0)
+            after = masters(engine)
+            ref0 = local_slice(full, g.ep_rank, e_local)
+            ref1 = local_slice(ref_bf[0], g.ep_rank, e_local)
+            for k in ref1:
+                d_mine, d_ref = after[k] - before[k], ref1[k] - ref0[k]
+                rel = ((d_mine - d_ref).norm() / d_ref.norm()).item()
+                assert rel < 0.03, f"rank {rank} bf16 zero{stage} clip {max_norm} {k}: relative update error {rel:.3f}"
+            engine.destroy()
 
     # 4) checkpoints: save after step 0, continue; a fresh engine loading it must match exactly.
     for stage in (0, 1, 2):
@@ -290,3 +301,26 @@ def _free_port():
 def test_deepspeed_engine_matches_ep1(world, ep):
     with tempfile.TemporaryDirectory() as tmpdir:
         mp.spawn(_worker, args=(world, ep, _free_port(), tmpdir), nprocs=world, join=True)
+
+
+def test_load_expert_state_reshards(tmp_path):
+    """Expert files saved at one EP size assemble any rank's slice at another EP size."""
+    from competesmoe.parallel import deepspeed_moe as dsm
+
+    full = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
+    for ep_rank in range(2):  # saved with ep 2: 4 experts per file
+        torch.save({"num_experts": 8, "ep_size": 2, "ep_rank": ep_rank, "expert_start": 4 * ep_rank,
+                    "num_local_experts": 4, "params": {"experts.w": full[4 * ep_rank:4 * ep_rank + 4].clone()}},
+                   tmp_path / f"experts_ep{ep_rank:03d}_of_002.pt")
+    for ep in (1, 2, 4, 8):
+        k = 8 // ep
+        for r in range(ep):
+            got = dsm.load_expert_state(str(tmp_path), ["experts.w"], r * k, k)["experts.w"]
+            assert torch.equal(got, full[r * k:(r + 1) * k])
+    with pytest.raises(RuntimeError, match="not found"):
+        dsm.load_expert_state(str(tmp_path), ["experts.w"], 6, 4)
+    with pytest.raises(ValueError, match="clipping"):
+        dsm.check_config({"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
+    with pytest.raises(ValueError, match="contiguous"):
+        dsm.check_config({"zero_optimization": {"stage": 1, "contiguous_gradients": False}})
+    dsm.check_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0})
