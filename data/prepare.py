@@ -206,7 +206,7 @@ def _train_sentencepiece(train_bytes: bytes, data_cfg, model_path: Path, source:
         )
     except RuntimeError as err:
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-        msg = re.sub(r"^.*?\]\s*", "", msg)
+        msg = re.sub(r"^.*?\]\s*", "", msg).rstrip(". ")
         m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if m:
             need = int(m.group(2))

@@ -319,11 +319,9 @@ def validate(cfg: Config) -> None:
            f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.expert_parallel_size ({p.expert_parallel_size})")
     _check(cfg.resume == "none" or cfg.resume == "auto" or Path(cfg.resume).exists(),
            f"resume = {cfg.resume!r}: use 'none', 'auto' or an existing checkpoint directory")
-    _check(data_vocab_ok(cfg.data), f"data.vocab_size ({cfg.data.vocab_size}) must be at least 64 for sentencepiece")
-
-
-def data_vocab_ok(d: DataConfig) -> bool:
-    return d.tokenizer == "byte" or d.vocab_size >= 64
+    _check(cfg.data.tokenizer == "byte" or cfg.data.vocab_size >= 512,
+           f"data.vocab_size ({cfg.data.vocab_size}) must be at least 512 for sentencepiece "
+           f"(byte fallback takes 256 pieces plus the corpus's characters)")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
