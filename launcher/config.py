@@ -56,7 +56,7 @@ class CompetitionConfig:
     variant: Literal["v2", "v1"] = "v2"
     """v2: weights = winners' affinities renormalised; v1: softmax over the winners' affinities,
     and the schedule draws per forward (not per optimizer step)."""
-    affinity: Literal["softplus_mean", "l2_norm", "relu_mean", "sigmoid_mean", "silu_mean"] = "softplus_mean"
+    affinity: Literal["softplus_mean", "l2_norm", "relu_mean", "sigmoid_mean"] = "softplus_mean"
     """The neural response s_j computed from expert output o_j."""
     router_loss_coef: float = 0.01
     """Weight of MSE(p_R, stopgrad p_C), the router's distillation of the competition."""

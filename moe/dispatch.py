@@ -62,6 +62,10 @@ class LocalDispatcher:
         """The tokens this rank's experts must answer (here: our own)."""
         return x_TD, LocalCompetitionMeta(num_tokens=x_TD.shape[0])
 
+    def gather_outputs(self, outputs_eGD: torch.Tensor, meta: LocalCompetitionMeta):
+        """Expert outputs for the home tokens (a gather='outputs' transport moves them here)."""
+        return outputs_eGD, meta
+
     def gather_scores(self, scores_Ge: torch.Tensor, meta: LocalCompetitionMeta) -> torch.Tensor:
         """Every expert's affinity for each home token: scores_TE."""
         return scores_Ge

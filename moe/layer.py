@@ -94,6 +94,9 @@ class MoELayer(nn.Module):
 
         x_GD, meta = self.dispatcher.gather_tokens(x_TD)
         outputs_eGD = self.experts.forward_all(x_GD)
+        # gather='outputs' (expert parallel): each home rank now holds all E experts' outputs for its
+        # own tokens and the rest of the step is local. Otherwise a no-op.
+        outputs_eGD, meta = self.dispatcher.gather_outputs(outputs_eGD, meta)
         scores_Ge = routing.AFFINITIES[comp.affinity](outputs_eGD.float()).transpose(0, 1)
         scores_TE = self.dispatcher.gather_scores(scores_Ge, meta)
 

@@ -43,6 +43,10 @@ from competesmoe.parallel.groups import ParallelGroups
 
 GATHER_MODES = ("scores", "outputs")
 
+# torch 2.13 renamed the tensor forms (the old names warn); older torch has only the old ones.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 # ---------------------------------------------------------------------------------------------
 # Differentiable collectives (forward and backward are each one collective; bytes are counted as
@@ -97,7 +101,7 @@ class _AllGather(torch.autograd.Function):
         ctx.group, ctx.size, ctx.stats, ctx.key = group, size, stats, key
         x = x.contiguous()
         out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
+        _all_gather(out, x, group=group)
         if stats is not None:
             stats[key] += (size - 1) * x.numel() * x.element_size()
         return out
@@ -106,7 +110,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_out = grad_out.contiguous()
         grad_in = grad_out.new_empty((grad_out.shape[0] // ctx.size, *grad_out.shape[1:]))
-        dist.reduce_scatter_tensor(grad_in, grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(grad_in, grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
         if ctx.stats is not None:
             ctx.stats[ctx.key + ".backward"] += (ctx.size - 1) * grad_in.numel() * grad_in.element_size()
         return grad_in, None, None, None, None
@@ -225,7 +229,7 @@ class AllToAllDispatcher:
         num_tokens = x_TD.shape[0]
         count = torch.tensor([num_tokens], dtype=torch.int64, device=x_TD.device)
         tokens_per_rank = count.new_empty(self.ep_size)
-        dist.all_gather_into_tensor(tokens_per_rank, count, group=self.group)
+        _all_gather(tokens_per_rank, count, group=self.group)
         self.comm_bytes["gather_tokens.counts"] += (self.ep_size - 1) * count.element_size()
         tokens_per_rank = tokens_per_rank.tolist()
         max_tokens = max(tokens_per_rank)
@@ -275,7 +279,7 @@ class AllToAllDispatcher:
         # Every rank learns every home rank's winners (integers, padded to the group's max).
         w_pad = torch.nn.functional.pad(winners_TK, (0, 0, 0, meta.max_tokens - T), value=-1)
         all_w = w_pad.new_empty((P * meta.max_tokens, K))
-        dist.all_gather_into_tensor(all_w, w_pad.contiguous(), group=self.group)
+        _all_gather(all_w, w_pad.contiguous(), group=self.group)
         self.comm_bytes["gather_winners.winners"] += (P - 1) * w_pad.numel() * w_pad.element_size()
         winners_GK = all_w[group_token_index(meta.tokens_per_rank, meta.max_tokens, device)]
 

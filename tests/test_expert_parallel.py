@@ -29,50 +29,13 @@ from torch import nn
 from distributed import RankFailed, RankTimeout, run_on_ranks
 
 from competesmoe.launcher.config import CompetitionConfig, MoEConfig
-from competesmoe.moe import routing
-from competesmoe.moe.dispatch import LocalDispatcher, weighted_scatter
-from competesmoe.moe.layer import MoEAux, MoELayer
+from competesmoe.moe.dispatch import weighted_scatter
+from competesmoe.moe.layer import MoELayer
 from competesmoe.parallel.expert_parallel import AllToAllDispatcher, group_token_index, local_expert_order
-from competesmoe.parallel.groups import build_groups
+from competesmoe.parallel.groups import ParallelGroups
 
 D_MODEL, HIDDEN = 16, 32
 ATOL = RTOL = 1e-5
-
-
-# ---------------------------------------------------------------------------------------------
-# The layer. gather='outputs' needs one extra call in MoELayer._competition_step (see the report:
-# `outputs_eGD, meta = self.dispatcher.gather_outputs(outputs_eGD, meta)` after forward_all, and a
-# no-op LocalDispatcher.gather_outputs). Until that lands, this subclass is the proposed method.
-
-if hasattr(LocalDispatcher, "gather_outputs"):
-    Layer = MoELayer
-else:
-    class Layer(MoELayer):
-        def _competition_step(self, x_TD):
-            comp = self.cfg.competition
-            p_router_TE = torch.softmax(self.router(x_TD), dim=-1)
-
-            x_GD, meta = self.dispatcher.gather_tokens(x_TD)
-            outputs_eGD = self.experts.forward_all(x_GD)
-            if hasattr(self.dispatcher, "gather_outputs"):  # the proposed line
-                outputs_eGD, meta = self.dispatcher.gather_outputs(outputs_eGD, meta)
-            scores_Ge = routing.AFFINITIES[comp.affinity](outputs_eGD.float()).transpose(0, 1)
-            scores_TE = self.dispatcher.gather_scores(scores_Ge, meta)
-
-            top_scores_TK, winners_TK = scores_TE.topk(self.top_k, dim=-1)
-            weights_TK = routing.competition_weights(top_scores_TK, comp.variant)
-            outputs_TKD = self.dispatcher.gather_winners(outputs_eGD, winners_TK, meta)
-            y_TD = (weights_TK.unsqueeze(-1).to(outputs_TKD.dtype) * outputs_TKD).sum(1).to(x_TD.dtype)
-
-            p_comp_TE = torch.softmax(scores_TE.float(), dim=-1)
-            distill = routing.router_distillation_loss(p_router_TE, p_comp_TE)
-            hybrid = routing.hybrid_loss(p_router_TE, p_comp_TE, winners_TK)
-            diversity = routing.diversity_loss(outputs_TKD)
-            balance = routing.switch_balance_loss(p_comp_TE, winners_TK[:, :1])
-            loss = (comp.router_loss_coef * distill + comp.hybrid_coef * hybrid
-                    + comp.diversity_coef * diversity + comp.balance_coef * balance)
-            stats = self._common_stats(p_router_TE, winners_TK, competed=True)
-            return y_TD, MoEAux(loss=loss, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +125,7 @@ def _run_layer_case(case: Case, rank: int, world: int, groups) -> list[str]:
                     router="competesmoe", capacity_factor=case.capacity_factor,
                     competition=CompetitionConfig(gather=case.gather, affinity=case.affinity, hybrid_coef=0.2))
     torch.manual_seed(1234)
-    ref = Layer(cfg, D_MODEL)
+    ref = MoELayer(cfg, D_MODEL)
     xs = [torch.randn(1, n, D_MODEL) for n in tokens_per_rank(world)]
     rs = [torch.randn(1, n, D_MODEL) for n in tokens_per_rank(world)]
     with torch.no_grad():
@@ -280,10 +243,24 @@ def _run_roundtrip(rank: int, world: int, groups, num_experts: int = 8, top_k: i
     return [f"roundtrip: {err}" for err in check.errors]
 
 
+def _grid(ep_size: int) -> ParallelGroups:
+    """The EP x EDP grid of parallel/groups.py (EP groups = consecutive ranks), built on plain
+    torch.distributed (build_groups goes through DeepSpeed's group registry). Collective."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ep = edp = None
+    for ranks in [list(range(s, s + ep_size)) for s in range(0, world, ep_size)]:
+        group = dist.new_group(ranks)
+        ep = group if rank in ranks else ep
+    for ranks in [list(range(o, world, ep_size)) for o in range(ep_size)]:
+        group = dist.new_group(ranks)
+        edp = group if rank in ranks else edp
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep=ep, edp=edp, dp=dist.group.WORLD)
+
+
 def _worker(rank: int, world: int, plans: list[tuple[int, list[Case]]]) -> dict[str, list[str]]:
     report = {}
     for ep_size, cases in plans:
-        groups = build_groups(ep_size)  # collective: every rank builds every group, in order
+        groups = _grid(ep_size)
         prefix = f"ep{ep_size}-of-{world}"
         report[f"{prefix}-roundtrip"] = _run_roundtrip(rank, world, groups)
         for case in cases:
@@ -301,16 +278,22 @@ ITEMS = [(world, f"ep{ep}-of-{world}-{name}") for world, plans in PLANS.items() 
 
 @pytest.fixture(scope="module")
 def reports():
-    cache: dict[int, dict[str, list[str]]] = {}
+    cache: dict[int, dict[str, list[str]] | Exception] = {}
 
     def get(world: int) -> dict[str, list[str]]:
         if world not in cache:
-            per_rank = run_on_ranks(_worker, world, args=(PLANS[world],), timeout=120)
-            merged: dict[str, list[str]] = {}
-            for r, report in enumerate(per_rank):
-                for key, errors in report.items():
-                    merged.setdefault(key, []).extend(f"rank {r}: {err}" for err in errors)
-            cache[world] = merged
+            try:
+                per_rank = run_on_ranks(_worker, world, args=(PLANS[world],), timeout=120)
+            except (RankFailed, RankTimeout) as err:
+                cache[world] = err  # one spawn per world size, also when it fails
+            else:
+                merged: dict[str, list[str]] = {}
+                for r, report in enumerate(per_rank):
+                    for key, errors in report.items():
+                        merged.setdefault(key, []).extend(f"rank {r}: {err}" for err in errors)
+                cache[world] = merged
+        if isinstance(cache[world], Exception):
+            raise cache[world]
         return cache[world]
 
     return get
