@@ -1,0 +1,61 @@
+"""Training with expert parallelism through the real launcher: the loss curve does not depend on
+the EP size (same world, same global batch, same seed), with competition steps on."""
+
+import json
+
+import pytest
+
+from test_train import TINY, competesmoe, records
+
+SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "moe.expert_hidden=128",
+         "train.micro_batch_size=4", "train.max_steps=30", "train.log_every=1", "train.eval_every=0",
+         "train.eval_batches=2", "moe.competition.rate=0.3", "moe.competition.warmup=0.0", "train.zero_stage=1"]
+
+
+def run_losses(tmp_path, world: int, ep: int, *extra: str) -> dict[int, float]:
+    run = tmp_path / f"w{world}_ep{ep}"
+    result = competesmoe("launch", "--nproc", str(world), "--launcher", "torchrun", TINY, f"output_dir={run}",
+                         f"parallel.expert_parallel_size={ep}", *SMALL, *extra, timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    train = records(run, "train")
+    assert any(r["competing_layers"] for r in train)
+    return {r["step"]: r["loss"] for r in train}
+
+
+def assert_same_curve(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-4, f"largest loss difference {worst:.2e}"
+
+
+def test_world2_ep1_equals_ep2(tmp_path):
+    assert_same_curve(run_losses(tmp_path, 2, 1), run_losses(tmp_path, 2, 2))
+
+
+@pytest.mark.parametrize("gather", ["outputs"])
+def test_world2_literal_output_gather_equals_ep1(tmp_path, gather):
+    base = run_losses(tmp_path / "a", 2, 1)
+    assert_same_curve(base, run_losses(tmp_path / "b", 2, 2, f"moe.competition.gather={gather}"))
+
+
+def test_world4_ep1_ep2_ep4(tmp_path):
+    ep1 = run_losses(tmp_path, 4, 1)
+    assert_same_curve(ep1, run_losses(tmp_path, 4, 2))
+    assert_same_curve(ep1, run_losses(tmp_path, 4, 4))
+
+
+def test_deepspeed_launch_ep2_competes_on_both_ranks_experts(tmp_path):
+    run = tmp_path / "ep2"
+    result = competesmoe("launch", "--nproc", "2", TINY, f"output_dir={run}", "parallel.expert_parallel_size=2",
+                         *SMALL)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    winners_rank0 = winners_rank1 = 0.0
+    for record in records(run, "train"):
+        for layer in record["competing_layers"]:
+            shares = record["moe"][layer]["expert_fraction"]  # of competition winners on that step
+            winners_rank0 += sum(shares[:4])
+            winners_rank1 += sum(shares[4:])
+    assert winners_rank0 > 0 and winners_rank1 > 0
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step*/experts_*.pt"))
+    assert saved == ["experts_ep000_of_002.pt", "experts_ep001_of_002.pt"]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["split"] == "test"
