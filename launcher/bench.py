@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import math
 import os
 import pickle
@@ -207,79 +206,77 @@ def _init_deepspeed_comm() -> None:
 # ------------------------------------------------------------------------------------ measuring
 
 
-class CommCounter:
-    """Wraps the torch.distributed collectives for the duration of a `with`: records, per call,
-    the bytes this rank sends to the other ranks of the group (the self chunk never crosses).
+def _make_comm_counter():
+    """A TorchDispatchMode that records every c10d collective of the ranks' steps (however the
+    caller reached it: torch.distributed, an early-bound alias, deepspeed.comm) with the bytes this
+    rank sends to the other ranks of the group; the self chunk never crosses the wire.
     all_reduce is counted as a ring: 2 (P-1)/P of the tensor."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    NAMES = ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce",
-             "all_gather", "broadcast")
+    def nbytes(t):
+        return t.numel() * t.element_size()
 
-    def __init__(self):
-        self.calls: list[tuple[str, int]] = []
+    def flat(ts):
+        for t in ts:
+            if isinstance(t, (list, tuple)):
+                yield from flat(t)
+            else:
+                yield t
 
-    def __enter__(self):
-        import torch.distributed as dist
+    class CommCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[tuple[str, int]] = []
 
-        self._saved = {n: getattr(dist, n) for n in self.NAMES}
-        for name, fn in self._saved.items():
-            setattr(dist, name, self._wrap(name, fn))
-        return self
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "c10d":
+                name = func._schema.name.split("::")[-1]
+                if name != "barrier":
+                    self.calls.append((name, self._bytes(name, args)))
+            return func(*args, **kwargs)
 
-    def __exit__(self, *exc):
-        import torch.distributed as dist
+        @staticmethod
+        def _bytes(name, args) -> int:
+            pg = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+            if pg is None:
+                return 0
+            pg = dist.ProcessGroup.unbox(pg)
+            size, rank = pg.size(), pg.rank()
+            if size <= 1:
+                return 0
+            if name == "alltoall_base_":
+                x, splits = args[1], list(args[4])
+                if not splits:
+                    return nbytes(x) * (size - 1) // size
+                row = nbytes(x) // x.shape[0] if x.dim() and x.shape[0] else 0
+                return (sum(splits) - splits[rank]) * row
+            if name == "alltoall_":
+                return sum(nbytes(t) for i, t in enumerate(args[1]) if i != rank)
+            if name in ("_allgather_base_", "allgather_into_tensor_coalesced_", "allgather_"):
+                return sum(nbytes(t) for t in flat([args[1]])) * (size - 1)
+            if name in ("_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_"):
+                return sum(nbytes(t) for t in flat([args[1]])) - sum(nbytes(t) for t in flat([args[0]]))
+            if name == "allreduce_":
+                return 2 * (size - 1) * sum(nbytes(t) for t in args[0]) // size
+            if name == "broadcast_":
+                return sum(nbytes(t) for t in args[0]) * (size - 1) if args[2] == rank else 0
+            return 0
 
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        return False
+        def total(self) -> int:
+            return sum(b for _, b in self.calls)
 
-    def _wrap(self, name, fn):
-        import torch.distributed as dist
+        def summary(self) -> dict[str, tuple[int, int]]:
+            """collective -> (calls, bytes)"""
+            out: dict[str, tuple[int, int]] = {}
+            for name, b in self.calls:
+                n, t = out.get(name, (0, 0))
+                out[name] = (n + 1, t + b)
+            return out
 
-        signature = inspect.signature(fn)
-
-        def counted(*args, **kwargs):
-            a = signature.bind(*args, **kwargs).arguments
-            group = a.get("group")
-            size, rank = dist.get_world_size(group), dist.get_rank(group)
-            self.calls.append((name, _bytes_to_others(name, a, size, rank)))
-            return fn(*args, **kwargs)
-
-        return counted
-
-    def total(self) -> int:
-        return sum(b for _, b in self.calls)
-
-    def summary(self) -> dict[str, tuple[int, int]]:
-        """collective -> (calls, bytes)"""
-        out: dict[str, tuple[int, int]] = {}
-        for name, b in self.calls:
-            n, t = out.get(name, (0, 0))
-            out[name] = (n + 1, t + b)
-        return out
-
-
-def _bytes_to_others(name: str, a: dict, size: int, rank: int) -> int:
-    if size <= 1:
-        return 0
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-    if name == "all_to_all_single":
-        x, splits = a["input"], a.get("input_split_sizes")
-        if not splits:
-            return nbytes(x) * (size - 1) // size
-        row = nbytes(x) // max(x.shape[0], 1) if x.dim() else 0
-        return (sum(splits) - splits[rank]) * row
-    if name == "all_gather_into_tensor":
-        return nbytes(a["input_tensor"]) * (size - 1)
-    if name == "reduce_scatter_tensor":
-        return nbytes(a["input"]) - nbytes(a["output"])
-    if name == "all_reduce":
-        return 2 * (size - 1) * nbytes(a["tensor"]) // size
-    if name == "all_gather":
-        return nbytes(a["tensor"]) * (size - 1)
-    if name == "broadcast":
-        return nbytes(a["tensor"]) * (size - 1) if a.get("src", 0) == rank else 0
-    return 0
+    return CommCounter()
 
 
 def peak_step_bytes(step) -> int | None:
@@ -499,7 +496,7 @@ class _RankBench:
         for name in list(variants):
             if not name.startswith(("ours", "deepspeed", "competition")):
                 continue
-            counter = CommCounter()
+            counter = _make_comm_counter()
             for d in dispatchers.values():
                 if hasattr(d, "comm_bytes"):
                     d.comm_bytes.clear()
@@ -697,8 +694,8 @@ def _report(opts: SimpleNamespace, results: list[dict], wall: float) -> str:
             est = f"{c['ds_estimate'] / 2**20:.2f}" if name == "deepspeed" else ""
             rows.append([str(c["k"]), str(c["ep"]), name, " / ".join(_mb(x) for x in totals),
                          "" if own_total is None else _mb(own_total), est, parts])
-    out.append("\n4. bytes sent to other ranks per fwd+bwd step, MiB (measured by wrapping torch.distributed "
-               "collectives for one step; per rank)")
+    out.append("\n4. bytes sent to other ranks per fwd+bwd step, MiB (measured: every c10d collective of one step "
+               "seen by a TorchDispatchMode; per rank)")
     out.append(_table(["K", "EP", "variant", "rank0 / rank1 ...", "dispatcher counter", "DS estimate",
                        "rank 0 by collective (calls, MiB)"], rows))
     out.append("   DS estimate = 4 all-to-alls x E x C x d x 4 B x (P-1)/P (its capacity-padded dispatch tensor)")

@@ -120,3 +120,16 @@ def test_output_dir_of_another_run_is_not_overwritten(tmp_path):
     one_line_error(competesmoe("train", TINY, f"output_dir={run}"), "resume=auto")
     assert sorted(p.name for p in run.rglob("*")) == before
     assert (run / "metrics.jsonl").read_text() == '{"step": 10}\n'
+
+
+@pytest.mark.parametrize("overrides,figure", [
+    (["data.tokenizer=sentencepiece", "data.vocab_size=1000"], "ppl"),
+    (["train.precision=bf16", "train.zero_stage=2", "model.layout=glam", "train.grad_accum=2"], "bpc"),
+])
+def test_variants_train(tmp_path, overrides, figure):
+    run = tmp_path / "run"
+    result = competesmoe("train", TINY, "train.max_steps=8", f"output_dir={run}", *FAST, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = records(run, "train")
+    assert figure in train[-1] and train[-1]["loss"] < train[0]["loss"]
+    assert figure in records(run, "test")[0]
