@@ -1,4 +1,4 @@
-"""The `competesmoe` command: train, prepare, launch. User errors print one line and exit 2."""
+"""The `competesmoe` command: train, prepare, launch, tensorboard. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -21,14 +21,39 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("config")
     prepare.add_argument("overrides", nargs="*")
 
-    launch = sub.add_parser("launch", help="start `train` on N local ranks (deepspeed launcher or torchrun)")
-    launch.add_argument("--nproc", type=int, default=2, help="ranks on this host")
+    launch = sub.add_parser("launch", help="start `train` on this host or on several (deepspeed launcher or torchrun)",
+                            description="One host: --nproc N. Over ssh: --hostfile F (deepspeed, pdsh). Per node: "
+                                        "--no-ssh --node-rank R --master-addr A (deepspeed) or --launcher torchrun "
+                                        "--nnodes K --node-rank R --master-addr A (c10d rendezvous).")
+    launch.add_argument("--nproc", type=int, default=None,
+                        help="ranks per host (default 2; with --hostfile, each host's slots)")
     launch.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    launch.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    launch.add_argument("--nnodes", type=int, default=None, help="number of hosts (default: the hostfile's, else 1)")
+    launch.add_argument("--node-rank", type=int, default=None,
+                        help="this host's rank, 0 on the master (per-node starts: --no-ssh, torchrun)")
+    launch.add_argument("--master-addr", default=None,
+                        help="address of node 0, reachable from every node (default: 127.0.0.1 on one host, "
+                             "the hostfile's first host over ssh)")
+    launch.add_argument("--master-port", type=int, default=None,
+                        help="rendezvous port (default: a free one on one host, 29500 across hosts)")
+    launch.add_argument("--hostfile", default=None, help="DeepSpeed hostfile: one 'HOSTNAME slots=N' per line")
+    launch.add_argument("--no-ssh", action="store_true",
+                        help="deepspeed launcher without ssh: run this on every node with its --node-rank")
+    launch.add_argument("--ifname", default=None,
+                        help="network interface the ranks talk over (sets GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
+    launch.add_argument("--local-addr", default=None,
+                        help="torchrun: this node's address as the others reach it (default: --ifname's address)")
+    launch.add_argument("--rdzv-id", default="competesmoe", help="torchrun: rendezvous id, the same on every node")
     launch.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     launch.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     launch.add_argument("config")
     launch.add_argument("overrides", nargs="*")
+
+    board = sub.add_parser("tensorboard", help="serve the TensorBoard of one or more runs on 127.0.0.1")
+    board.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (or its tensorboard/)")
+    board.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    board.add_argument("--port", type=int, default=6006)
+    board.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     return parser
 
 
@@ -36,13 +61,18 @@ def dispatch(args: argparse.Namespace) -> int:
     from competesmoe.launcher.config import load_config
 
     if args.command == "launch":
-        from competesmoe.launcher.launch import launch
+        from competesmoe.launcher.launch import LaunchOptions, launch
 
         load_config(args.config, args.overrides)  # fail here, once, rather than in every rank
-        if args.nproc < 1:
-            raise UserError(f"--nproc ({args.nproc}) must be at least 1")
-        return launch(args.launcher, args.nproc, args.master_port, args.threads,
-                      [args.config, *args.overrides], args.dry_run)
+        opts = LaunchOptions(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                             master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile,
+                             no_ssh=args.no_ssh, ifname=args.ifname, local_addr=args.local_addr,
+                             rdzv_id=args.rdzv_id, threads=args.threads, dry_run=args.dry_run)
+        return launch(opts, [args.config, *args.overrides])
+    if args.command == "tensorboard":
+        from competesmoe.launcher.tensorboard import serve
+
+        return serve(args.run_dirs, host=args.host, port=args.port, dry_run=args.dry_run)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from pathlib import Path

@@ -72,6 +72,26 @@ class CompetitionConfig:
 
 
 @dataclass
+class BaselineConfig:
+    xmoe_dim: int = 16
+    """XMoE: dimension of the routing space that tokens are projected into (cosine to expert embeddings)."""
+    xmoe_temperature: float = 0.5
+    """XMoE: initial value of the learnable temperature tau (logits = cosine / tau, tau kept >= 0.01)."""
+    stablemoe_stage1: float = 0.1
+    """StableMoE: fraction of train.max_steps in stage 1 (routing learned with its balance loss and
+    distilled); from step floor(stablemoe_stage1 * max_steps) on, the distilled router is frozen."""
+    stablemoe_dim: int = 16
+    """StableMoE: width of the distilled router's token embedding (it routes on the token id alone)."""
+    stablemoe_distill_coef: float = 1.0
+    """StableMoE: weight of the cross-entropy that distils stage-1 routing into the lightweight router."""
+    dropout_k_start: int = 1
+    """SMoE-Dropout: experts per token at the first training step."""
+    dropout_k_end: int = 0
+    """SMoE-Dropout: experts per token at the last training step (K grows linearly in between);
+    0 = moe.num_experts. Evaluation uses moe.top_k."""
+
+
+@dataclass
 class MoEConfig:
     num_experts: int = 8
     """Experts per MoE layer (E)."""
@@ -81,8 +101,11 @@ class MoEConfig:
     """Hidden width of each expert FFN."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Expert FFN: GELU MLP, or SwiGLU (gate and up projections)."""
-    router: Literal["smoe", "competesmoe"] = "competesmoe"
-    """Routing policy: softmax top-K ('smoe') or CompeteSMoE (router steps plus competition steps)."""
+    router: Literal["smoe", "competesmoe", "xmoe", "stablemoe", "smoe_dropout"] = "competesmoe"
+    """Routing policy: softmax top-K ('smoe'; top_k 1 is Switch, 2 is GShard), CompeteSMoE (router steps
+    plus competition steps), or a baseline of the papers (moe/baselines.py, settings in moe.baseline):
+    'xmoe' low-dimensional cosine routing with a learnable temperature, 'stablemoe' two-stage routing
+    with a distilled then frozen router, 'smoe_dropout' a random frozen router whose K grows."""
     balance_coef: float = 0.01
     """Weight of the Switch load-balancing loss on router steps."""
     z_loss_coef: float = 0.001
@@ -94,6 +117,8 @@ class MoEConfig:
     rank; assignments past capacity (in token order) are dropped and contribute zero."""
     competition: CompetitionConfig = field(default_factory=CompetitionConfig)
     """The competition schedule and losses (used when router = competesmoe)."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """Settings of the baseline routers (used when router = xmoe, stablemoe or smoe_dropout)."""
 
 
 @dataclass
@@ -315,6 +340,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(moe, name) >= 0, f"moe.{name} ({getattr(moe, name)}) must not be negative")
     for name in ("router_loss_coef", "hybrid_coef", "diversity_coef", "balance_coef"):
         _check(getattr(c, name) >= 0, f"moe.competition.{name} ({getattr(c, name)}) must not be negative")
+    validate_baseline(moe)
     _check(moe.num_experts % p.expert_parallel_size == 0,
            f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.expert_parallel_size ({p.expert_parallel_size})")
     _check(cfg.resume == "none" or cfg.resume == "auto" or Path(cfg.resume).exists(),
@@ -322,6 +348,25 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.tokenizer == "byte" or cfg.data.vocab_size >= 512,
            f"data.vocab_size ({cfg.data.vocab_size}) must be at least 512 for sentencepiece "
            f"(byte fallback takes 256 pieces plus the corpus's characters)")
+
+
+def validate_baseline(moe: MoEConfig) -> None:
+    b = moe.baseline
+    _check(b.xmoe_dim >= 1, f"moe.baseline.xmoe_dim ({b.xmoe_dim}) must be at least 1")
+    _check(b.xmoe_temperature >= 0.01, f"moe.baseline.xmoe_temperature ({b.xmoe_temperature}) must be at least 0.01")
+    _check(0.0 <= b.stablemoe_stage1 <= 1.0,
+           f"moe.baseline.stablemoe_stage1 ({b.stablemoe_stage1}) must be a fraction of train.max_steps within [0, 1]")
+    _check(b.stablemoe_dim >= 1, f"moe.baseline.stablemoe_dim ({b.stablemoe_dim}) must be at least 1")
+    _check(b.stablemoe_distill_coef >= 0,
+           f"moe.baseline.stablemoe_distill_coef ({b.stablemoe_distill_coef}) must not be negative")
+    k_end = b.dropout_k_end or moe.num_experts
+    _check(1 <= b.dropout_k_start <= moe.num_experts,
+           f"moe.baseline.dropout_k_start ({b.dropout_k_start}) must be within [1, moe.num_experts ({moe.num_experts})]")
+    _check(b.dropout_k_end >= 0 and k_end <= moe.num_experts,
+           f"moe.baseline.dropout_k_end ({b.dropout_k_end}) must be within [0, moe.num_experts ({moe.num_experts})] "
+           f"(0 = all experts)")
+    _check(k_end >= b.dropout_k_start,
+           f"moe.baseline.dropout_k_end ({k_end}) must not be below moe.baseline.dropout_k_start ({b.dropout_k_start})")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

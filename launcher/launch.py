@@ -1,21 +1,125 @@
-"""`competesmoe launch`: start `competesmoe train` on N local ranks with the deepspeed launcher
-(default) or torchrun, printing the exact command first."""
+"""`competesmoe launch`: start `competesmoe train` on one host or many, printing the exact command first.
+
+Four shapes, one entry point (`python -m competesmoe.launcher.cli train CONFIG overrides`):
+
+- one host (default): the deepspeed launcher, or torchrun, on `--nproc` local ranks.
+- deepspeed over ssh: `--hostfile F` (DeepSpeed's format, `host slots=N`); run once, on the first
+  host; DeepSpeed's runner starts every host through pdsh. Each host is checked over ssh first.
+- deepspeed per node: `--no-ssh --node-rank R` (with `--hostfile F`, or `--nnodes K`); run on every
+  node with its own rank.
+- torchrun with rendezvous: `--launcher torchrun --nnodes K --master-addr A`; run on every node
+  (the c10d store lives at A:port; `--node-rank 0` marks the host of it).
+
+Every rank gets OMP_NUM_THREADS=--threads (1 by default: oversubscribed CPU ranks are 2-3x slower)
+and, with `--ifname IF`, GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME=IF. Bad hostfiles, missing network
+interfaces, unresolvable or unroutable masters and hosts ssh cannot reach stop with one line.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import os
+import re
 import shlex
+import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
-
-from competesmoe.launcher.train import free_port
+from competesmoe.launcher.errors import UserError
 
 TRAIN_MODULE = "competesmoe.launcher.cli"
+DEFAULT_MULTINODE_PORT = 29500
+SSH_TIMEOUT = 10  # seconds per host for the reachability check
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")  # DeepSpeed's format, stricter
+
+
+@dataclass
+class LaunchOptions:
+    launcher: str = "deepspeed"
+    nproc: int | None = None
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    hostfile: str | None = None
+    no_ssh: bool = False
+    ifname: str | None = None
+    local_addr: str | None = None
+    rdzv_id: str = "competesmoe"
+    threads: int = 1
+    dry_run: bool = False
+
+
+@dataclass
+class Plan:
+    """What will run: the command, the variables set for it, files written for it, checks to make."""
+
+    mode: str  # local | ssh | no-ssh | torchrun-local | torchrun-rdzv
+    command: list[str]
+    env: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)  # path -> content, written before the command
+    ssh_hosts: list[str] = field(default_factory=list)
+    master_addr: str | None = None
+    node_rank: int | None = None
+
+    def shell(self) -> str:
+        prefix = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join(prefix + [shlex.join(self.command)])
+
+
+# ---------------------------------------------------------------------------------------------
+# hostfile
+
+
+def parse_hostfile(path: str) -> "OrderedDict[str, int]":
+    """DeepSpeed's hostfile (`hostname slots=N` per line, # comments); one-line errors."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"hostfile {path} does not exist")
+    hosts: OrderedDict[str, int] = OrderedDict()
+    for number, raw in enumerate(file.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if not match:
+            raise UserError(f"hostfile {path} line {number}: expected 'HOSTNAME slots=N', got {line!r}")
+        host, slots = match.group(1), int(match.group(2))
+        if slots < 1:
+            raise UserError(f"hostfile {path} line {number}: {host} has slots={slots}; it needs at least 1")
+        if host in hosts:
+            raise UserError(f"hostfile {path} line {number}: {host} is listed twice")
+        hosts[host] = slots
+    if not hosts:
+        raise UserError(f"hostfile {path} lists no hosts (expected lines 'HOSTNAME slots=N')")
+    return hosts
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def thread_env(opts: LaunchOptions) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(opts.threads)}
+    if opts.ifname:
+        env["GLOO_SOCKET_IFNAME"] = opts.ifname
+        env["NCCL_SOCKET_IFNAME"] = opts.ifname
+    # DS_ACCELERATOR is left to each rank (`competesmoe train` picks cpu or cuda by itself): a CPU login
+    # node must not tell GPU nodes to train on CPU.
+    return env
 
 
 def launch_command(launcher: str, nproc: int, port: int, train_args: list[str]) -> list[str]:
+    """The one-host command (kept as it always was)."""
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", TRAIN_MODULE, "train", *train_args]
@@ -24,12 +128,218 @@ def launch_command(launcher: str, nproc: int, port: int, train_args: list[str]) 
             "--module", TRAIN_MODULE, "train", *train_args]
 
 
-def launch(launcher: str, nproc: int, port: int | None, threads: int, train_args: list[str], dry_run: bool) -> int:
-    command = launch_command(launcher, nproc, port or free_port(), train_args)
-    print("+ " + shlex.join(command), flush=True)
-    if dry_run:
+def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None) -> Plan:
+    """Turn the options into one command; raises UserError for every inconsistent combination."""
+    for name in ("nproc", "nnodes", "threads"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} ({value}) must be at least 1")
+    hosts = parse_hostfile(opts.hostfile) if opts.hostfile else None
+    nnodes = opts.nnodes if opts.nnodes is not None else (len(hosts) if hosts else 1)
+    if hosts and opts.nnodes is not None and opts.nnodes != len(hosts):
+        raise UserError(f"--nnodes ({opts.nnodes}) disagrees with hostfile {opts.hostfile} ({len(hosts)} hosts)")
+    if opts.node_rank is not None and not 0 <= opts.node_rank < nnodes:
+        raise UserError(f"--node-rank ({opts.node_rank}) must be in [0, {nnodes}) for {nnodes} nodes")
+    env = thread_env(opts)
+    workdir = workdir or tempfile.gettempdir()
+
+    if opts.launcher == "torchrun":
+        if opts.no_ssh:
+            raise UserError("--no-ssh belongs to the deepspeed launcher; torchrun never uses ssh")
+        if hosts and any(slots != next(iter(hosts.values())) for slots in hosts.values()):
+            raise UserError(f"torchrun starts the same --nproc on every node; hostfile {opts.hostfile} "
+                            f"has different slots per host")
+        nproc = opts.nproc or (next(iter(hosts.values())) if hosts else 2)
+        if nnodes == 1 and opts.master_addr is None:
+            return Plan("torchrun-local", launch_command("torchrun", nproc, opts.master_port or _free_port(),
+                                                         train_args), env)
+        master = opts.master_addr or (next(iter(hosts)) if hosts else None)
+        if master is None:
+            raise UserError("torchrun on several nodes needs --master-addr (the rendezvous host, node 0)")
+        port = opts.master_port or DEFAULT_MULTINODE_PORT
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+                   "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
+                   "--rdzv_endpoint", f"{_bracket(master)}:{port}", "--rdzv_id", opts.rdzv_id]
+        if opts.node_rank is not None:
+            # node 0 hosts the c10d store: say so, rather than let torchrun guess from the hostname
+            command += ["--rdzv_conf", f"is_host={int(opts.node_rank == 0)}"]
+        local_addr = opts.local_addr or (interface_address(opts.ifname) if opts.ifname else None)
+        if local_addr:
+            command += ["--local_addr", local_addr]
+        command += ["-m", TRAIN_MODULE, "train", *train_args]
+        return Plan("torchrun-rdzv", command, env, master_addr=master, node_rank=opts.node_rank)
+
+    if opts.local_addr:
+        raise UserError("--local-addr is for torchrun; the deepspeed launcher takes --master-addr")
+    no_ssh = opts.no_ssh or opts.node_rank is not None
+    if not hosts and nnodes == 1 and not no_ssh:
+        nproc = opts.nproc or 2
+        master = opts.master_addr or "127.0.0.1"
+        command = launch_command("deepspeed", nproc, opts.master_port or _free_port(), train_args)
+        command[command.index("--master_addr") + 1] = master
+        return Plan("local", command, env)
+    port = opts.master_port or DEFAULT_MULTINODE_PORT
+    base = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    tail = ["--no_local_rank", "--module", TRAIN_MODULE, "train", *train_args]
+    files: dict[str, str] = {}
+    if no_ssh:
+        if opts.node_rank is None:
+            raise UserError("--no-ssh starts one node: give it --node-rank (0 on the master node)")
+        if opts.master_addr is None:
+            raise UserError("--no-ssh needs --master-addr (the address of node 0, reachable from every node)")
+        hostfile = opts.hostfile
+        if hosts is None:  # DeepSpeed counts ranks per node from a hostfile even without ssh
+            hostfile = os.path.join(workdir, "hostfile")
+            files[hostfile] = "".join(f"node{i} slots={opts.nproc or 2}\n" for i in range(nnodes))
+        command = base + ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(opts.node_rank),
+                          "--master_addr", opts.master_addr, "--master_port", str(port)]
+        if opts.nproc:
+            command += ["--num_gpus", str(opts.nproc)]
+        return Plan("no-ssh", command + tail, env, files, master_addr=opts.master_addr, node_rank=opts.node_rank)
+
+    if hosts is None:
+        raise UserError(f"--nnodes {nnodes} with the deepspeed launcher needs --hostfile (ssh/pdsh) "
+                        f"or --no-ssh --node-rank R on every node")
+    master = opts.master_addr or next(iter(hosts))
+    # pdsh exports only a few variable families to the remote shells; DS_ENV_FILE lists ours.
+    env_file = os.path.join(workdir, "deepspeed_env")
+    files[env_file] = _deepspeed_env_file(env)
+    command = base + ["--hostfile", opts.hostfile, "--launcher", "pdsh", "--no_ssh_check",
+                      "--master_addr", master, "--master_port", str(port)]
+    if opts.nproc:
+        command += ["--num_gpus", str(opts.nproc)]
+    return Plan("ssh", command + tail, {"DS_ENV_FILE": env_file, **env}, files, ssh_hosts=list(hosts),
+                master_addr=master)
+
+
+def _deepspeed_env_file(env: dict[str, str]) -> str:
+    """Our variables after the user's own ~/.deepspeed_env and ./.deepspeed_env (which DS_ENV_FILE hides)."""
+    lines: list[str] = []
+    for folder in (os.path.expanduser("~"), "."):
+        user_file = Path(folder) / ".deepspeed_env"
+        if user_file.is_file():
+            lines += [line for line in user_file.read_text().splitlines() if "=" in line]
+    lines += [f"{k}={v}" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# early checks (skipped by --dry-run)
+
+
+def interface_address(ifname: str) -> str:
+    """The IPv4 address of a local interface; a one-line error naming the interfaces there are."""
+    check_interface(ifname)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15]))  # SIOCGIFADDR
+        except OSError:
+            raise UserError(f"network interface {ifname} has no IPv4 address") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def check_interface(ifname: str) -> None:
+    names = [name for _, name in socket.if_nameindex()]
+    if ifname not in names:
+        raise UserError(f"network interface {ifname} does not exist on this host (it has: {', '.join(names)})")
+
+
+def check_route(host: str, port: int, what: str) -> None:
+    """The address resolves and this host has a route to it (a UDP connect sends no packet)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as err:
+        raise UserError(f"{what} {host} does not resolve ({err.strerror})") from None
+    last = None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.connect(address)
+                return
+            except OSError as err:
+                last = err
+    raise UserError(f"{what} {host} is unreachable from this host ({last.strerror if last else 'no address'})")
+
+
+def ssh_command(host: str) -> list[str]:
+    """How pdsh will reach the host: ssh, plus whatever PDSH_SSH_ARGS_APPEND adds."""
+    extra = shlex.split(os.environ.get("PDSH_SSH_ARGS_APPEND", ""))
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT}", *extra, host, "true"]
+
+
+def check_ssh_hosts(hosts: list[str]) -> None:
+    if shutil.which("pdsh") is None:
+        raise UserError("the deepspeed launcher reaches hosts through pdsh, which is not installed "
+                        "(apt-get install pdsh), or start each node with --no-ssh --node-rank R")
+    if shutil.which("ssh") is None:
+        raise UserError("ssh is not installed (apt-get install openssh-client)")
+
+    def probe(host: str) -> tuple[str, subprocess.CompletedProcess | None]:
+        try:
+            return host, subprocess.run(ssh_command(host), capture_output=True, text=True,
+                                        timeout=SSH_TIMEOUT + 5, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return host, None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        for host, result in pool.map(probe, hosts):
+            if result is None or result.returncode != 0:
+                detail = "timed out" if result is None else (result.stderr.strip().splitlines() or ["ssh failed"])[-1]
+                raise UserError(f"host {host} from the hostfile is unreachable over ssh ({detail}); "
+                                f"passwordless ssh to every host is needed, or use --no-ssh --node-rank R")
+
+
+def preflight(p: Plan, opts: LaunchOptions) -> None:
+    if opts.ifname:
+        check_interface(opts.ifname)
+    if p.mode == "ssh":
+        check_ssh_hosts(p.ssh_hosts)
+    elif p.mode in ("no-ssh", "torchrun-rdzv") and p.master_addr and p.node_rank != 0:
+        check_route(p.master_addr, opts.master_port or DEFAULT_MULTINODE_PORT, "master address")
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def run_plan(p: Plan, opts: LaunchOptions) -> int:
+    print("+ " + p.shell(), flush=True)
+    for path, content in p.files.items():
+        print(f"# {path}: " + "; ".join(content.strip().splitlines()), flush=True)
+    if opts.dry_run:
         return 0
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    if "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"  # silences DeepSpeed's accelerator probing on CPU machines
-    return subprocess.call(command, env=env)
+    preflight(p, opts)
+    for path, content in p.files.items():
+        Path(path).write_text(content)
+    child = subprocess.Popen(p.command, env={**os.environ, **p.env})
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # the child got the same SIGINT from the terminal: let it finish
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
+
+
+def launch(opts: LaunchOptions, train_args: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="competesmoe-launch-") as workdir:
+        return run_plan(plan(opts, train_args, workdir), opts)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bracket(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host

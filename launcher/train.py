@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.launcher.errors import UserError
 from competesmoe.launcher.metrics import MetricsWriter
@@ -72,10 +72,18 @@ def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
     return data_dir
 
 
-def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    tags = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step"))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def resume_point(cfg: Config, ckpt_root: Path):
+    """(tag_dir, run_state) to resume from, None to start fresh, or an error message (rank 0 decides)."""
+    if cfg.resume == "none":
+        return None
+    try:
+        if cfg.resume == "auto":
+            found = checkpoint.find_resumable(ckpt_root)
+            return None if found is None else (str(found[0]), found[1])
+        tag_dir = Path(cfg.resume)
+        return str(tag_dir), checkpoint.verify(tag_dir)
+    except UserError as err:
+        return str(err)
 
 
 def run(cfg: Config) -> None:
@@ -91,10 +99,14 @@ def run(cfg: Config) -> None:
 
     trainer = Trainer(cfg, groups, device, data_dir)
     ckpt_root = run_dir / CHECKPOINTS
-    if cfg.resume != "none":
-        source = ckpt_root if cfg.resume == "auto" else Path(cfg.resume)
-        if source.is_dir() and trainer.load_checkpoint(source) is not None and rank == 0:
-            print(f"resumed from {source} at step {trainer.step}")
+    found = checkpoint.agree(resume_point(cfg, ckpt_root) if rank == 0 else None, rank)
+    if isinstance(found, str):  # rank 0's error, raised on every rank
+        raise checkpoint.CheckpointError(found)
+    if found is not None:
+        tag_dir, saved = Path(found[0]), found[1]
+        trainer.load_checkpoint(tag_dir, saved)
+        if rank == 0:
+            print(f"resumed from {tag_dir} at step {trainer.step}", flush=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     writer = MetricsWriter(run_dir, enabled=rank == 0)
@@ -121,7 +133,7 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int) -> 
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             writer.write(trainer.evaluate("valid"))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            save(trainer, ckpt_root, rank)
+            trainer.save_checkpoint(ckpt_root)
     bar.close()
     for split in ("valid", "test"):
         result = trainer.evaluate(split)
@@ -129,10 +141,4 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int) -> 
         if rank == 0:
             figure = "bpc" if "bpc" in result else "ppl"
             print(f"{split}: loss {result['loss']:.4f} {figure} {result[figure]:.4f}")
-    save(trainer, ckpt_root, rank)
-
-
-def save(trainer: Trainer, ckpt_root: Path, rank: int) -> None:
     trainer.save_checkpoint(ckpt_root)
-    if rank == 0:
-        prune_checkpoints(ckpt_root, trainer.cfg.train.keep_checkpoints)

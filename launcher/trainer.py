@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.data.loader import TrainSampler, eval_batches, load_meta
-from competesmoe.launcher.config import Config
+from competesmoe.launcher import checkpoint
+from competesmoe.launcher.config import Config, to_dict
+from competesmoe.launcher.errors import UserError
 from competesmoe.launcher.metrics import RoutingStats
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.schedule import CompetitionSchedule
@@ -201,31 +203,118 @@ class Trainer:
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
+    def run_state(self) -> dict:
+        """What a resume must check before touching tensors: layout, tokenizer, shapes."""
+        return {"step": self.step, "world_size": self.groups.world_size, "ep_size": self.groups.ep_size,
+                "zero_stage": self.cfg.train.zero_stage, "reshardable": self.reshardable,
+                "tokenizer": self.meta["tokenizer"],
+                "config": to_dict(self.cfg)}
+
     def save_checkpoint(self, ckpt_root: Path) -> str:
-        tag = f"step{self.step:08d}"
+        """Write aside, then publish atomically (launcher.checkpoint). Collective."""
+        self._refuse_nonfinite_weights()
+        tag = checkpoint.tag_for(self.step)
+        staging = checkpoint.prepare_staging(ckpt_root, tag, self.groups.rank)
         client_state = {"trainer": self.state_dict()}
         if self.has_experts:  # experts are written once per EP rank, outside DeepSpeed's model file
-            deepspeed_moe.save_checkpoint(self.engine, str(ckpt_root), tag=tag, client_state=client_state)
+            deepspeed_moe.save_checkpoint(self.engine, str(staging), tag=tag, client_state=client_state,
+                                          save_latest=False)
         else:
-            self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
-        torch.save(self.rng_state(), ckpt_root / tag / f"rng_rank{self.groups.rank:05d}.pt")
-        if dist.is_initialized():
-            dist.barrier()
+            self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        if self.reshardable:
+            self._save_named_optimizer_state(staging / tag)
+        torch.save(self.rng_state(), staging / tag / f"rng_rank{self.groups.rank:05d}.pt")
+        dist.barrier()
+        if self.groups.rank == 0:
+            checkpoint.publish(ckpt_root, tag, self.run_state(), self.cfg.train.keep_checkpoints)
+        dist.barrier()
         return tag
 
-    def load_checkpoint(self, ckpt_root: Path) -> str | None:
-        if not (ckpt_root / "latest").is_file():
-            return None
+    @property
+    def reshardable(self) -> bool:
+        """Adam moments are saved by name (and can follow the experts to another layout) at ZeRO 0 in fp32,
+        where the optimizer is our own torch AdamW; ZeRO 1/2 and bf16 keep DeepSpeed's flat partitions."""
+        return self.cfg.train.zero_stage == 0 and self.cfg.train.precision == "fp32"
+
+    def _refuse_nonfinite_weights(self) -> None:
+        bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in self.engine.module.parameters()))])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise UserError(f"refusing to save a checkpoint with non-finite weights at step {self.step}; "
+                            f"the last good checkpoint is kept")
+
+    def _named_adam_state(self) -> dict[str, dict]:
+        by_param = self.optimizer.state
+        return {name: by_param[p] for name, p in self.engine.module.named_parameters() if p in by_param}
+
+    def _save_named_optimizer_state(self, tag_dir: Path) -> None:
+        """ZeRO 0: Adam moments by parameter name (experts sliced per EP rank) so a resume at another
+        EP or world size can rebuild them; DeepSpeed's own optimizer file is tied to the layout."""
+        state = self._named_adam_state()
+        dense = {n: s for n, s in state.items() if not deepspeed_moe.is_moe_param(self._param(n))}
+        if self.groups.rank == 0:
+            torch.save(dense, tag_dir / "optim_dense.pt")
+        if self.has_experts:
+            moments = {f"{n}:{k}": s[k] for n, s in state.items() if n not in dense for k in ("exp_avg", "exp_avg_sq")}
+            deepspeed_moe.write_expert_slices(self.engine.module, str(tag_dir), "optim_experts", moments)
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        return dict(self.engine.module.named_parameters())[name]
+
+    def _load_named_optimizer_state(self, tag_dir: Path) -> None:
+        dense = torch.load(tag_dir / "optim_dense.pt", weights_only=False)
+        params = dict(self.engine.module.named_parameters())
+        expert_names = [n for n, p in params.items() if deepspeed_moe.is_moe_param(p)]
+        moments = {}
+        if expert_names:
+            local = self.cfg.moe.num_experts // self.groups.ep_size
+            keys = [f"{n}:{k}" for n in expert_names for k in ("exp_avg", "exp_avg_sq")]
+            moments = deepspeed_moe.load_expert_state(str(tag_dir), keys, self.groups.ep_rank * local, local,
+                                                      prefix="optim_experts")
+        step = next(iter(dense.values()))["step"]
+        for name, param in params.items():
+            if name in dense:
+                self.optimizer.state[param] = dense[name]
+            else:
+                self.optimizer.state[param] = {"step": step.clone(), "exp_avg": moments[f"{name}:exp_avg"],
+                                               "exp_avg_sq": moments[f"{name}:exp_avg_sq"]}
+
+    def check_compatible(self, saved: dict, source: Path) -> None:
+        """Refuse a checkpoint whose tokenizer or model shape differs from this run's, naming the field."""
+        if saved["tokenizer"] != self.meta["tokenizer"]:
+            raise UserError(f"checkpoint {source} was trained with tokenizer {saved['tokenizer']} but the data in "
+                            f"{self.data_dir} uses {self.meta['tokenizer']}; use the same data.tokenizer/data.path")
+        now = to_dict(self.cfg)
+        for section, fields in SHAPE_FIELDS.items():
+            for name in fields:
+                before, after = saved["config"][section][name], now[section][name]
+                if before != after:
+                    raise UserError(f"{section}.{name} is {after} but checkpoint {source} was trained with {before}; "
+                                    f"a resumed run keeps the model shape")
+
+    def load_checkpoint(self, tag_dir: Path, saved: dict) -> None:
+        """Resume from a verified checkpoint; a different world or EP size reshards (ZeRO 0)."""
+        self.check_compatible(saved, tag_dir)
+        same_layout = (saved["world_size"], saved["ep_size"]) == (self.groups.world_size, self.groups.ep_size)
+        if not same_layout and not (saved.get("reshardable") and self.reshardable):
+            raise UserError(f"checkpoint {tag_dir} was saved on {saved['world_size']} ranks at EP {saved['ep_size']}; "
+                            f"resharding to {self.groups.world_size} ranks at EP {self.groups.ep_size} is supported "
+                            f"for train.zero_stage=0 with train.precision=fp32 only; resume on the same layout")
         load = deepspeed_moe.load_checkpoint if self.has_experts else type(self.engine).load_checkpoint
-        path, client_state = load(self.engine, str(ckpt_root))
-        if path is None:
-            return None
+        _, client_state = load(self.engine, str(tag_dir.parent), tag=tag_dir.name,
+                               load_optimizer_states=same_layout)
+        if not same_layout:
+            self._load_named_optimizer_state(tag_dir)
         self.load_state_dict(client_state["trainer"])
-        tag_dir = Path(path).parent if Path(path).is_file() else Path(path)
         rng_file = tag_dir / f"rng_rank{self.groups.rank:05d}.pt"
-        if rng_file.exists():
+        if same_layout:
             self.load_rng_state(torch.load(rng_file, weights_only=False))
-        return str(path)
+
+
+SHAPE_FIELDS = {
+    "model": ["d_model", "n_layers", "n_heads", "seq_len", "layout", "positions", "tie_embeddings", "dense_hidden"],
+    "moe": ["num_experts", "expert_hidden", "activation"],
+}
 
 
 def pick_device(choice: str) -> torch.device:

@@ -59,7 +59,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups as _ds_groups
 
 MARKER_ATTR = "_deepspeed_moe_marker"
-EXPERT_FILE_RE = re.compile(r"experts_ep(\d+)_of_(\d+)\.pt$")
+EXPERT_FILE_RE = re.compile(r"_ep(\d+)_of_(\d+)\.pt$")
 
 
 def group_name(ep_size: int) -> str:
@@ -307,7 +307,7 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None, save_lat
     expert-parallel rank with that rank's stacked expert tensors (written by EDP rank 0, so every
     expert is saved exactly once). Collective."""
     model = engine.module
-    marker = _marker(model)
+    _marker(model)  # fails early on a model that was never marked
     experts = _expert_params(model)
     if tag is None:
         tag = f"global_step{engine.global_steps}"
@@ -323,31 +323,42 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None, save_lat
     finally:
         handle.remove()
 
-    g = ensure_expert_groups(marker.ep_size)
-    if g.edp_rank == 0:
-        e_local = marker.experts_per_rank
-        payload = {
-            "num_experts": marker.num_experts,
-            "ep_size": marker.ep_size,
-            "ep_rank": g.ep_rank,
-            "expert_start": g.ep_rank * e_local,
-            "num_local_experts": e_local,
-            "params": {n: p.detach().cpu().clone() for n, p in experts.items()},
-        }
-        for n, t in payload["params"].items():
-            if t.shape[0] != e_local:
-                raise ValueError(f"{n}: expert dim {t.shape[0]} != experts per rank {e_local}")
-        path = os.path.join(save_dir, tag, f"experts_ep{g.ep_rank:03d}_of_{marker.ep_size:03d}.pt")
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    write_expert_slices(engine.module, os.path.join(save_dir, tag), "experts",
+                        {n: p.detach() for n, p in experts.items()})
     ds_dist.barrier()
     return tag
 
 
-def load_expert_state(ckpt_dir: str, names: Iterable[str], expert_start: int, num_local: int) -> dict:
+def write_expert_slices(model: nn.Module, tag_dir: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write this EP rank's stacked expert tensors (expert dim first) to
+    `<tag_dir>/<prefix>_ep<r>_of_<ep>.pt`, from expert-data-parallel rank 0 only, so every expert is
+    written exactly once. Used for the expert weights and for their optimizer moments."""
+    marker = _marker(model)
+    g = ensure_expert_groups(marker.ep_size)
+    if g.edp_rank != 0:
+        return
+    e_local = marker.experts_per_rank
+    for n, t in tensors.items():
+        if t.shape[0] != e_local:
+            raise ValueError(f"{n}: expert dim {t.shape[0]} != experts per rank {e_local}")
+    payload = {
+        "num_experts": marker.num_experts,
+        "ep_size": marker.ep_size,
+        "ep_rank": g.ep_rank,
+        "expert_start": g.ep_rank * e_local,
+        "num_local_experts": e_local,
+        "params": {n: t.cpu().clone() for n, t in tensors.items()},
+    }
+    path = os.path.join(tag_dir, f"{prefix}_ep{g.ep_rank:03d}_of_{marker.ep_size:03d}.pt")
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_expert_state(ckpt_dir: str, names: Iterable[str], expert_start: int, num_local: int,
+                      prefix: str = "experts") -> dict:
     """Assemble stacked tensors for global experts [expert_start, expert_start+num_local) from the
     per-EP-rank files of a checkpoint, whatever EP size it was saved with."""
-    files = sorted(glob.glob(os.path.join(ckpt_dir, "experts_ep*_of_*.pt")))
+    files = sorted(glob.glob(os.path.join(ckpt_dir, f"{prefix}_ep*_of_*.pt")))
     if not files:
         raise FileNotFoundError(f"no expert files in {ckpt_dir}")
     pieces = {n: {} for n in names}
