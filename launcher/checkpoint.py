@@ -13,11 +13,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch.distributed as dist
 
 from competesmoe.launcher.errors import UserError
+
+FAULT_KILL_IN_PUBLISH = "COMPETESMOE_FAULT_KILL_IN_PUBLISH"
+"""Fault injection for tests: rank 0 SIGKILLs itself while publishing this tag (staged, not yet visible)."""
 
 STAGING = ".staging"
 MANIFEST = "manifest.json"
@@ -126,6 +130,8 @@ def publish(root: Path, tag: str, run_state: dict, keep: int) -> None:
     staged = root / STAGING / tag
     (staged / RUN_STATE).write_text(json.dumps(run_state, indent=1))
     write_manifest(staged)
+    if os.environ.get(FAULT_KILL_IN_PUBLISH) == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
     final = root / tag
     replaced = root / STAGING / f"{tag}.replaced"
     if final.exists():  # saving the same step again (e.g. a resumed run that had already finished)

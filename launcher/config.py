@@ -171,6 +171,8 @@ class TrainConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
+    max_nonfinite_steps: int = 3
+    """A step with a non-finite loss or gradient is skipped; stop after this many in a row."""
 
 
 @dataclass
@@ -318,7 +320,8 @@ def validate(cfg: Config) -> None:
                         ("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
                         ("train.grad_accum", t.grad_accum), ("parallel.expert_parallel_size", p.expert_parallel_size),
                         ("parallel.threads_per_rank", p.threads_per_rank), ("train.eval_batches", t.eval_batches),
-                        ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints)]:
+                        ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                        ("train.max_nonfinite_steps", t.max_nonfinite_steps)]:
         _check(value >= 1, f"{name} ({value}) must be at least 1")
     _check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     _check(m.positions != "rotary" or (m.d_model // m.n_heads) % 2 == 0,

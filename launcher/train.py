@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -111,14 +112,46 @@ def run(cfg: Config) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     try:
-        fit(trainer, writer, ckpt_root, rank)
+        fit(trainer, writer, ckpt_root, rank, PreemptionFlag())
+    except (dist.DistError, RuntimeError) as err:
+        if not is_peer_failure(err):
+            raise
+        raise UserError(f"rank {rank}: a collective failed because another rank stopped or is unreachable "
+                        f"({first_line(err)}); continue with resume=auto from the last checkpoint") from None
     finally:
         writer.close()
     dist.barrier()
     dist.destroy_process_group()
 
 
-def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int) -> None:
+def is_peer_failure(err: Exception) -> bool:
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(s in text for s in ("Connection closed", "Connection reset",
+                                                                         "Gloo", "NCCL", "Timed out", "timed out"))
+
+
+def first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+class PreemptionFlag:
+    """SIGTERM (preemption) asks for a checkpoint; the ranks agree on the step once per step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, preempt: PreemptionFlag) -> None:
     from tqdm import tqdm
 
     t = trainer.cfg.train
@@ -128,12 +161,22 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int) -> 
         step = trainer.step
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if record["skipped"] and rank == 0:
+            bar.write(f"competesmoe: warning: step {step} skipped: non-finite loss or gradient"
+                      + (f" (MoE layers {record['nonfinite_layers']})" if "nonfinite_layers" in record else ""))
         if step % t.log_every == 0 or step == t.max_steps:
             writer.write(record, trainer.take_routing_stats())
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             writer.write(trainer.evaluate("valid"))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             trainer.save_checkpoint(ckpt_root)
+        if preempt.agreed():
+            if step % t.log_every:
+                writer.write(record, trainer.take_routing_stats())
+            trainer.save_checkpoint(ckpt_root)
+            if rank == 0:
+                bar.write(f"competesmoe: SIGTERM: saved a checkpoint at step {step}; resume=auto continues")
+            return
     bar.close()
     for split in ("valid", "test"):
         result = trainer.evaluate(split)

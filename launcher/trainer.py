@@ -20,6 +20,7 @@ from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict
 from competesmoe.launcher.errors import UserError
 from competesmoe.launcher.metrics import RoutingStats
+from competesmoe.moe.baselines import RoutingContext
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.schedule import CompetitionSchedule
 from competesmoe.parallel import deepspeed_moe
@@ -81,6 +82,7 @@ class Trainer:
         self.data_dir = data_dir
         self.meta = load_meta(data_dir)
         self.step = 0
+        self.nonfinite_streak = 0
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
@@ -118,17 +120,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns the step's figures."""
+        """One optimizer step over grad_accum micro-batches; returns the step's figures.
+
+        A non-finite loss or gradient anywhere makes the whole step a no-op on every rank (ZeRO 1/2:
+        DeepSpeed's overflow check; ZeRO 0: our global norm, identical on all ranks).
+        """
         self.engine.train()
         start = time.perf_counter()
         compete = self.schedule.layers_at(self.step)
-        lm_loss_sum = 0.0
+        skipped_before = self.engine.skipped_steps
+        lm_loss_sum, bad_layers, grad_norm = 0.0, set(), None
         for micro in range(self.cfg.train.grad_accum):
             if self.cfg.moe.competition.variant == "v1":
                 compete = self.schedule.layers_at(self.step, micro)
             inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
-            out = self.engine(inputs_BS, targets_BS, compete)
-            self.engine.backward(out.loss)
+            out = self.engine(inputs_BS, targets_BS, compete, self.routing_context())
+            loss = out.loss * injected_fault(self.step + 1)
+            if not torch.isfinite(loss):
+                bad_layers |= nonfinite_layers(out.moe_aux)
+            self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
                 grad_norm = self._clip_zero0()
             self.engine.step()
@@ -142,28 +152,47 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if self.cfg.train.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
+        skipped = self.engine.skipped_steps > skipped_before or not math.isfinite(grad_norm or 0.0)
+        self._count_nonfinite(skipped, bad_layers)
         return {
             "step": self.step,
             "split": "train",
             "loss": lm_loss.item(),
             **self._quality(lm_loss.item()),
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens_per_s": self.tokens_per_step / elapsed,
             "competing_layers": sorted(compete),
+            "skipped": skipped,
+            **({"nonfinite_layers": sorted(bad_layers)} if bad_layers else {}),
         }
 
+    def _count_nonfinite(self, skipped: bool, bad_layers: set[int]) -> None:
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+            where = f" (MoE layers {sorted(bad_layers)})" if bad_layers else ""
+            raise UserError(f"stopping: {self.nonfinite_streak} steps in a row up to step {self.step} had a non-finite "
+                            f"loss or gradient{where}; nothing was saved from them; lower train.lr or raise "
+                            f"train.max_nonfinite_steps, then resume=auto from the last good checkpoint")
+
     def _clip_zero0(self) -> float:
-        """Global gradient norm (each expert counted once), and clipping, for ZeRO 0."""
-        module, clip = self.engine.module, self.cfg.train.grad_clip
-        if clip > 0:
-            return float(deepspeed_moe.clip_grad_norm_ep(module, clip))
-        return float(deepspeed_moe.global_grad_norm(module))
+        """ZeRO 0: the global gradient norm (each expert counted once), clipping, and the skip of a
+        non-finite step (parameters without a gradient are left alone by AdamW)."""
+        module = self.engine.module
+        norm = float(deepspeed_moe.clip_grad_norm_ep(module, self.cfg.train.grad_clip))
+        if not math.isfinite(norm):
+            for param in module.parameters():
+                param.grad = None
+        return norm
 
     def _quality(self, nats: float) -> dict:
         if self.meta["tokenizer"]["kind"] == "byte":
             return {"bpc": nats / math.log(2)}
         return {"ppl": math.exp(min(nats, 50.0))}
+
+    def routing_context(self) -> RoutingContext:
+        """What the routing policies may depend on: the step (StableMoE's stage, SMoE-Dropout's K)."""
+        return RoutingContext(step=self.step, total_steps=self.cfg.train.max_steps)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
@@ -173,7 +202,8 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         for inputs_BS, targets_BS in eval_batches(self.data_dir, split, self.cfg.model.seq_len, t.micro_batch_size,
                                                   self.groups.rank, self.groups.dp_size, t.eval_batches):
-            out = self.engine(inputs_BS.to(self.device), targets_BS.to(self.device))
+            out = self.engine(inputs_BS.to(self.device), targets_BS.to(self.device), frozenset(),
+                              self.routing_context())
             total += torch.tensor([out.lm_loss.double().item() * targets_BS.numel(), targets_BS.numel()])
         if dist.is_initialized():
             dist.all_reduce(total, group=self.groups.dp)
@@ -186,10 +216,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Trainer state beyond model/optimizer/scheduler (which DeepSpeed checkpoints)."""
-        return {"step": self.step, "sampler": self.sampler.state_dict()}
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.nonfinite_streak = state["nonfinite_streak"]
         self.sampler.load_state_dict(state["sampler"])
 
     def rng_state(self) -> dict:
@@ -213,6 +244,13 @@ class Trainer:
     def save_checkpoint(self, ckpt_root: Path) -> str:
         """Write aside, then publish atomically (launcher.checkpoint). Collective."""
         self._refuse_nonfinite_weights()
+        try:
+            return self._save_checkpoint(ckpt_root)
+        except OSError as err:
+            raise UserError(f"saving the step-{self.step} checkpoint under {ckpt_root} failed ({err.strerror or err}); "
+                            f"the previous checkpoint is kept; free space or choose another output_dir") from None
+
+    def _save_checkpoint(self, ckpt_root: Path) -> str:
         tag = checkpoint.tag_for(self.step)
         staging = checkpoint.prepare_staging(ckpt_root, tag, self.groups.rank)
         client_state = {"trainer": self.state_dict()}
@@ -315,6 +353,20 @@ SHAPE_FIELDS = {
     "model": ["d_model", "n_layers", "n_heads", "seq_len", "layout", "positions", "tie_embeddings", "dense_hidden"],
     "moe": ["num_experts", "expert_hidden", "activation"],
 }
+
+
+FAULT_NAN_STEPS = "COMPETESMOE_FAULT_NAN_STEPS"
+"""Fault injection for tests: comma-separated optimizer steps (1-based) whose loss is made NaN."""
+
+
+def injected_fault(step: int) -> float:
+    steps = os.environ.get(FAULT_NAN_STEPS, "")
+    return float("nan") if str(step) in steps.split(",") else 1.0
+
+
+def nonfinite_layers(moe_aux) -> set[int]:
+    return {i for i, aux in enumerate(moe_aux)
+            if not torch.isfinite(aux.loss) or any(not torch.isfinite(v).all() for v in aux.stats.values())}
 
 
 def pick_device(choice: str) -> torch.device:

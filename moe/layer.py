@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from competesmoe.launcher.config import MoEConfig
-from competesmoe.moe import routing
+from competesmoe.moe import baselines, routing
+from competesmoe.moe.baselines import RoutingContext, RoutingDecision
 from competesmoe.moe.dispatch import LocalDispatcher
 from competesmoe.moe.experts import GroupedExperts
 
@@ -40,36 +41,58 @@ def capacity_keep_mask(expert_A: torch.Tensor, num_experts: int, capacity: int) 
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int):
+    def __init__(self, cfg: MoEConfig, d_model: int, vocab_size: int = 0):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.router = routing.Router(d_model, cfg.num_experts)
+        if cfg.router in baselines.BASELINE_ROUTERS:  # vocab_size: StableMoE's distilled router
+            self.router = baselines.build_router(cfg, d_model, vocab_size)
+        else:
+            self.router = routing.Router(d_model, cfg.num_experts)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation)
         # The transport; `parallelize` swaps in an expert-parallel one and shards `experts`.
         self.dispatcher = LocalDispatcher(cfg.num_experts)
 
-    def forward(self, x_BSD: torch.Tensor, compete: bool = False) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BSD: torch.Tensor, compete: bool = False,
+                ctx: RoutingContext | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """ctx: the step and overrides a routing policy may need (baselines.RoutingContext)."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if compete and self.cfg.router == "competesmoe" and self.training:
             y_TD, aux = self._competition_step(x_TD)
         else:
-            y_TD, aux = self._router_step(x_TD)
+            y_TD, aux = self._router_step(x_TD, ctx if ctx is not None else RoutingContext())
         return y_TD.view_as(x_BSD), aux
 
     # ------------------------------------------------------------------------------------------
-    def _router_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def route(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
+        """Top-K experts and gate weights of a router step: the softmax router ('smoe', and
+        'competesmoe' outside competition steps) or a baseline policy (moe/baselines.py)."""
         cfg = self.cfg
+        if ctx.top_k is not None and not 1 <= ctx.top_k <= self.num_experts:
+            raise ValueError(f"routing top_k {ctx.top_k} must be within [1, {self.num_experts}]")
+        if cfg.router in baselines.BASELINE_ROUTERS:
+            return self.router(x_TD, ctx, self.top_k, self.training)
         logits_TE = self.router(x_TD, cfg.jitter)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, experts_TK = routing.topk_renormalised(probs_TE, self.top_k)
+        weights_TK, experts_TK = routing.topk_renormalised(probs_TE, ctx.top_k or self.top_k)
+        balance = routing.switch_balance_loss(probs_TE, experts_TK)
+        zloss = routing.z_loss(logits_TE)
+        loss = cfg.balance_coef * balance + cfg.z_loss_coef * zloss
+        return RoutingDecision(weights_TK, experts_TK, probs_TE, loss,
+                               {"balance_loss": balance.detach(), "z_loss": zloss.detach()})
+
+    def _router_step(self, x_TD: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, MoEAux]:
+        cfg = self.cfg
+        decision = self.route(x_TD, ctx)
+        weights_TK, experts_TK = decision.weights_TK, decision.experts_TK
+        top_k = experts_TK.shape[1]
 
         num_tokens = x_TD.shape[0]
-        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(self.top_k)
+        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(top_k)
         expert_A, weight_A = experts_TK.reshape(-1), weights_TK.reshape(-1)
         if cfg.capacity_factor > 0:
-            capacity = math.ceil(cfg.capacity_factor * num_tokens * self.top_k / self.num_experts)
+            capacity = math.ceil(cfg.capacity_factor * num_tokens * top_k / self.num_experts)
             keep_A = capacity_keep_mask(expert_A, self.num_experts, capacity)
             token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
 
@@ -77,14 +100,11 @@ class MoELayer(nn.Module):
         y_ND = self.experts(x_ND, meta.counts)
         y_TD = self.dispatcher.combine(y_ND, weight_A, meta, num_tokens).to(x_TD.dtype)
 
-        balance = routing.switch_balance_loss(probs_TE, experts_TK)
-        zloss = routing.z_loss(logits_TE)
-        loss = cfg.balance_coef * balance + cfg.z_loss_coef * zloss
-        stats = self._common_stats(probs_TE, experts_TK, competed=False)
-        stats.update(balance_loss=balance.detach(), z_loss=zloss.detach())
+        stats = self._common_stats(decision.probs_TE, experts_TK, competed=False)
+        stats.update(decision.stats)
         if cfg.capacity_factor > 0:
             stats["dropped_fraction"] = 1.0 - weight_A.new_tensor(expert_A.numel() / max(experts_TK.numel(), 1))
-        return y_TD, MoEAux(loss=loss, stats=stats)
+        return y_TD, MoEAux(loss=decision.loss, stats=stats)
 
     def _competition_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """Every expert answers every token; the highest affinities win (spec section 2)."""

@@ -7,13 +7,14 @@ Shape legend: B batch, S sequence, D d_model, H heads, Dh head size, V vocabular
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.launcher.config import ModelConfig, MoEConfig
+from competesmoe.moe.baselines import RoutingContext
 from competesmoe.moe.experts import DenseFFN
 from competesmoe.moe.layer import MoEAux, MoELayer
 
@@ -72,23 +73,25 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, use_moe: bool):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, use_moe: bool, vocab_size: int = 0):
         super().__init__()
         self.norm_attn = nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.norm_ffn = nn.RMSNorm(cfg.d_model)
-        self.ffn = MoELayer(moe_cfg, cfg.d_model) if use_moe else DenseFFN(cfg.d_model, cfg.dense_hidden, moe_cfg.activation)
+        self.ffn = (MoELayer(moe_cfg, cfg.d_model, vocab_size) if use_moe
+                    else DenseFFN(cfg.d_model, cfg.dense_hidden, moe_cfg.activation))
         self.drop = nn.Dropout(cfg.dropout)
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x_BSD: torch.Tensor, compete: bool) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x_BSD: torch.Tensor, compete: bool,
+                ctx: RoutingContext | None = None) -> tuple[torch.Tensor, MoEAux | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
         h_BSD = self.norm_ffn(x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.ffn(h_BSD, compete=compete)
+            y_BSD, aux = self.ffn(h_BSD, compete=compete, ctx=ctx)
         else:
             y_BSD, aux = self.ffn(h_BSD), None
         return x_BSD + self.drop(y_BSD), aux
@@ -104,7 +107,7 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, uses_moe(cfg.layout, i)) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, uses_moe(cfg.layout, i), vocab_size) for i in range(cfg.n_layers))
         self.norm_out = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self._init_weights()
@@ -122,18 +125,26 @@ class TransformerLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                compete_layers: frozenset[int] = frozenset()) -> ModelOutput:
-        """compete_layers: indices (among MoE layers, from 0) that run a competition step now."""
+    def hidden(self, tokens_BS: torch.Tensor, compete_layers: frozenset[int] = frozenset(),
+               routing: RoutingContext | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The final normalised hidden states (before the LM head) and each MoE layer's aux."""
+        ctx = replace(routing if routing is not None else RoutingContext(), tokens_BS=tokens_BS)
         x_BSD = self.embed(tokens_BS)
         if self.pos_embed is not None:
             x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
         moe_aux: list[MoEAux] = []
         for block in self.blocks:
-            x_BSD, aux = block(x_BSD, compete=len(moe_aux) in compete_layers)
+            x_BSD, aux = block(x_BSD, compete=len(moe_aux) in compete_layers, ctx=ctx)
             if aux is not None:
                 moe_aux.append(aux)
-        logits_BSV = self.head(self.norm_out(x_BSD))
+        return self.norm_out(x_BSD), moe_aux
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                compete_layers: frozenset[int] = frozenset(), routing: RoutingContext | None = None) -> ModelOutput:
+        """compete_layers: indices (among MoE layers, from 0) that run a competition step now.
+        routing: the step and overrides the routing policies may need (None: step 0, the policies' K)."""
+        h_BSD, moe_aux = self.hidden(tokens_BS, compete_layers, routing)
+        logits_BSV = self.head(h_BSD)
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())

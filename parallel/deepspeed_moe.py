@@ -279,8 +279,11 @@ def global_grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
 @torch.no_grad()
 def clip_grad_norm_ep(model: nn.Module, max_norm: float) -> torch.Tensor:
     """EP-correct replacement for DeepSpeed's ZeRO-0 fp32 clipping (same formula as
-    deepspeed.runtime.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6)))."""
+    deepspeed.runtime.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))). max_norm 0
+    only measures; a non-finite norm is returned without touching the gradients."""
     norm = global_grad_norm(model)
+    if max_norm <= 0 or not torch.isfinite(norm):
+        return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for p in model.parameters():
         if p.grad is not None:

@@ -1,0 +1,269 @@
+"""Two real "hosts" on one machine: network namespaces with their own addresses joined by a veth
+pair, 2 ranks each, a 20-step EP-2 job across them through `competesmoe launch`, three ways:
+the deepspeed launcher per node (--no-ssh), torchrun with c10d rendezvous, and the deepspeed
+launcher over ssh (pdsh, with an sshd started in each namespace). The losses must equal the same
+job on one host with 4 ranks.
+
+Everything runs inside the namespaces (`ip netns exec`); nothing in the main namespace talks to
+their addresses (it has no route there). Every namespace, link and process made here is removed
+at the end, failed or not. Needs root and iproute2 (skipped otherwise); the ssh variant also needs
+Debian's openssh-server and pdsh (skipped without them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_ep_training import SMALL
+from test_train import ROOT, TINY, competesmoe, records
+
+STEPS = 20
+SUBNET = "10.213.57"  # only ever inside the namespaces made here
+ADDRS = [f"{SUBNET}.1", f"{SUBNET}.2"]
+IFNAME = "csnet0"  # the veth end is called the same in both namespaces
+PREFIX = "csmoe-"
+JOB = [*(a for a in SMALL if not a.startswith("train.max_steps=")), f"train.max_steps={STEPS}",
+       "parallel.expert_parallel_size=2"]
+TIMEOUT = 600
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=60)
+
+
+def netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    probe = f"{PREFIX}probe-{os.getpid()}"
+    made = sh("ip", "netns", "add", probe, check=False)
+    if made.returncode:
+        return f"cannot make a network namespace: {made.stderr.strip()}"
+    sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+SKIP = netns_unavailable()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+
+
+def kill_namespace_processes(ns: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        while pids and time.time() < deadline and sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            time.sleep(0.1)
+
+
+def remove_stale_namespaces() -> None:
+    """Namespaces left by an earlier run of this file that was killed (its pid is gone)."""
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if name.startswith(PREFIX) and len(parts) == 3 and parts[1].isdigit():
+            if not Path(f"/proc/{parts[1]}").exists():
+                kill_namespace_processes(name)
+                sh("ip", "netns", "del", name, check=False)
+
+
+class Hosts:
+    """Two namespaces, each with lo and one veth end (IFNAME) holding its address."""
+
+    def __init__(self):
+        self.names = [f"{PREFIX}{os.getpid()}-{i}" for i in range(2)]
+        self.procs: list[subprocess.Popen] = []
+
+    def up(self) -> None:
+        for ns in self.names:
+            sh("ip", "netns", "add", ns)
+        a, b = self.names
+        sh("ip", "link", "add", IFNAME, "netns", a, "type", "veth", "peer", "name", IFNAME, "netns", b)
+        for ns, addr in zip(self.names, ADDRS):
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFNAME)
+            sh("ip", "-n", ns, "link", "set", IFNAME, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def start(self, node: int, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *cmd], cwd=ROOT,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def down(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for ns in self.names:
+            kill_namespace_processes(ns)
+            sh("ip", "netns", "del", ns, check=False)  # takes the veth pair with it
+        for proc in self.procs:
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    remove_stale_namespaces()
+    h = Hosts()
+    try:
+        h.up()
+        yield h
+    finally:
+        h.down()
+    leftover = sh("ip", "netns", "list").stdout
+    assert not any(ns in leftover for ns in h.names), leftover
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "prepared"
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("onehost") / "run"
+    result = competesmoe("launch", "--nproc", "4", "--launcher", "torchrun", TINY, f"output_dir={run}",
+                         f"data.prepared_dir={data_dir}", *JOB, timeout=TIMEOUT)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return losses(run)
+
+
+def losses(run: Path) -> dict[int, float]:
+    train = records(run, "train")
+    assert any(r["competing_layers"] for r in train)
+    return {r["step"]: r["loss"] for r in train}
+
+
+def launch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "competesmoe.launcher.cli", "launch", *args]
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.time() + TIMEOUT
+    for proc, log in zip(procs, logs):
+        try:
+            code = proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
+            pytest.fail(f"node {log.name} exited {code}\n{tails}")
+
+
+def assert_equal_curves(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-5, f"largest loss difference {worst:.2e}"
+
+
+def per_node(hosts, tmp_path, data_dir, extra: list[str]) -> Path:
+    run = tmp_path / "run"
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = []
+    for node in range(2):
+        cmd = launch_cmd(*extra, "--nnodes", "2", "--nproc", "2", "--node-rank", str(node),
+                         "--master-addr", ADDRS[0], "--master-port", "29510", "--ifname", IFNAME,
+                         TINY, f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB)
+        procs.append(hosts.start(node, cmd, logs[node]))
+    wait_all(procs, logs)
+    first = logs[0].read_text().splitlines()[0]
+    assert first.startswith("+ ") and f"GLOO_SOCKET_IFNAME={IFNAME}" in first, first
+    return run
+
+
+def test_deepspeed_no_ssh_two_hosts(hosts, tmp_path, data_dir, one_host):
+    run = per_node(hosts, tmp_path, data_dir, ["--no-ssh"])
+    assert "--no_ssh" in (tmp_path / "node1.log").read_text().splitlines()[0]
+    assert_equal_curves(losses(run), one_host)
+
+
+def test_torchrun_rendezvous_two_hosts(hosts, tmp_path, data_dir, one_host):
+    run = per_node(hosts, tmp_path, data_dir, ["--launcher", "torchrun"])
+    assert "--rdzv_backend c10d" in (tmp_path / "node0.log").read_text().splitlines()[0]
+    assert_equal_curves(losses(run), one_host)
+
+
+# ---------------------------------------------------------------------------------------------
+# over ssh: an sshd in each namespace, a private key and client config (nothing in ~/.ssh)
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(hosts, tmp_path_factory):
+    if SSHD is None or shutil.which("pdsh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs openssh-server, openssh-client and pdsh (apt-get install openssh-server pdsh)")
+    conf = tmp_path_factory.mktemp("ssh")
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(conf / "id"))
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(conf / "host_key"))
+    (conf / "authorized_keys").write_text((conf / "id.pub").read_text())
+    os.chmod(conf / "authorized_keys", 0o600)
+    made_run_dir = not Path("/run/sshd").exists()
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    for node, addr in enumerate(ADDRS):
+        (conf / f"sshd{node}.conf").write_text(
+            f"ListenAddress {addr}\nPort 22\nHostKey {conf / 'host_key'}\nPidFile {conf / f'sshd{node}.pid'}\n"
+            f"AuthorizedKeysFile {conf / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "PrintMotd no\n")
+        hosts.start(node, [SSHD, "-D", "-e", "-f", str(conf / f"sshd{node}.conf")], conf / f"sshd{node}.log")
+    (conf / "ssh_config").write_text(
+        f"Host {SUBNET}.*\n  User root\n  IdentityFile {conf / 'id'}\n  IdentitiesOnly yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+    env = {"PDSH_SSH_ARGS_APPEND": f"-F {conf / 'ssh_config'}"}
+    deadline = time.time() + 20  # until both sshds answer, seen from namespace 0
+    while True:
+        probes = [subprocess.run(["ip", "netns", "exec", hosts.names[0], "ssh", "-F", str(conf / "ssh_config"),
+                                  "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", addr, "true"],
+                                 capture_output=True, timeout=30) for addr in ADDRS]
+        if all(p.returncode == 0 for p in probes):
+            break
+        if time.time() > deadline:
+            pytest.fail("sshd in the namespaces did not answer: " + " | ".join(p.stderr.decode() for p in probes))
+        time.sleep(0.3)
+    yield conf, env
+    if made_run_dir:
+        shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+def test_deepspeed_pdsh_two_hosts(hosts, ssh_hosts, tmp_path, data_dir, one_host):
+    conf, env = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"# two namespaces\n{ADDRS[0]} slots=2\n{ADDRS[1]} slots=2\n")
+    run, log = tmp_path / "run", tmp_path / "launcher.log"
+    proc = hosts.start(0, launch_cmd("--hostfile", str(hostfile), "--master-port", "29511", "--ifname", IFNAME,
+                                     TINY, f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB), log, env)
+    wait_all([proc], [log])
+    first = log.read_text().splitlines()[0]
+    assert "--launcher pdsh" in first and f"DS_ENV_FILE=" in first, first
+    assert_equal_curves(losses(run), one_host)
+
+
+def test_unreachable_host_fails_early(hosts, ssh_hosts, tmp_path):
+    """A hostfile naming a host with no sshd: one line naming it, before anything starts."""
+    conf, env = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{ADDRS[0]} slots=2\n{SUBNET}.3 slots=2\n")  # .3 is on the veth's subnet, nobody's
+    log = tmp_path / "launcher.log"
+    start = time.time()
+    proc = hosts.start(0, launch_cmd("--hostfile", str(hostfile), TINY, f"output_dir={tmp_path / 'run'}"), log,
+                       {**env, "PDSH_SSH_ARGS_APPEND": env["PDSH_SSH_ARGS_APPEND"] + " -o ConnectTimeout=3"})
+    assert proc.wait(timeout=60) == 2, log.read_text()
+    errors = [line for line in log.read_text().splitlines() if "error" in line]
+    assert len(errors) == 1 and f"host {SUBNET}.3" in errors[0] and "unreachable" in errors[0], errors
+    assert time.time() - start < 40
+    assert not (tmp_path / "run").exists()
