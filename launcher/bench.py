@@ -1,14 +1,17 @@
 """`competesmoe bench moe-layer`: our MoE layer against DeepSpeed's, measured in one run.
 
     python -m competesmoe.launcher.bench moe-layer [--d-model 256 --experts 8 --hidden 1024
-                                                    --tokens 4096 --top-k 1 2 --ep 1 2 --iters 7]
+                                                    --tokens 4096 --top-k 1 2 --ep 1 2 --iters 7
+                                                    --competition-iters 3 --ds-capacity-factor F]
 
 Spawns `--nproc` gloo ranks (torch.multiprocessing, one intra-op thread each) and, in those same
 processes, for every (top-K, EP size):
 
   1. forward+backward tokens/s per rank of our MoELayer router step (dropless) and of
      `deepspeed.moe.layer.MoE` (the same experts as torch Linear-GELU-Linear modules, the same gate
-     weights, dropless: drop_tokens=False), and the ratio ours/DeepSpeed. At EP 1 the ranks are plain
+     weights, dropless: drop_tokens=False, so its capacity C is the largest expert load in the EP
+     group; `--ds-capacity-factor F` instead pads to C = ceil(F * K * T / E) with drop_tokens=True),
+     and the ratio ours/DeepSpeed. At EP 1 the ranks are plain
      data-parallel replicas (every rank holds every expert; ours runs the LocalDispatcher).
   2. expert work efficiency: the FLOP rate of our GroupedExperts fwd+bwd on the rows the router
      step actually sent to this rank's experts, over the rate one dense matmul chain of the same
@@ -17,14 +20,15 @@ processes, for every (top-K, EP size):
   3. the competition step: its time against our router step and against its FLOP floor, the
      forward+backward of GroupedExperts.forward_all on the EP group's tokens alone (no
      communication, no top-K); for each `moe.competition.gather` mode at EP > 1.
-  4. bytes each rank sends to the other ranks per step, per collective, measured by wrapping the
-     torch.distributed collectives for one step (DeepSpeed's too); plus DeepSpeed's estimate from
+  4. bytes each rank sends to the other ranks per step, per collective: every c10d collective of
+     one step (ours and DeepSpeed's) is seen by a TorchDispatchMode; plus DeepSpeed's estimate from
      its capacity-padded dispatch tensor (E * C * d * 4 bytes per all-to-all, 2 forward, 2 backward).
   5. peak memory per rank of one step: the largest total of live tensors allocated during
      forward+backward, tracked at dispatch level by torch's MemTracker (parameters and the input,
      allocated before the step, are excluded; gradients count).
 
-Timing: `--warmup` untimed and `--iters` timed iterations per variant, variants interleaved
+Timing: `--warmup` untimed and `--iters` timed iterations per variant (the competition step and
+its floor, ~10x a router step: one warm-up and `--competition-iters`), variants interleaved
 round-robin so drift hits them alike; a barrier before and after each timed call; a step's time
 is the slowest rank's; the table shows medians. Nothing printed is a constant: every figure comes
 from this run.
@@ -53,7 +57,7 @@ TARGET_SPEEDUP = 1.5
 TARGET_EXPERT_EFFICIENCY = 0.85
 TARGET_COMPETITION_OVER_FLOOR = 1.1
 TARGET_MEMORY_RATIO = 0.5
-QUICK = dict(d_model=32, experts=4, hidden=64, tokens=256, iters=2, warmup=1)
+QUICK = dict(d_model=32, experts=4, hidden=64, tokens=256, iters=2, warmup=1, competition_iters=1)
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -73,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
     moe.add_argument("--iters", type=int, default=7, help="timed iterations per variant (median)")
     moe.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant first")
+    moe.add_argument("--competition-iters", type=int, default=3,
+                     help="timed iterations of the competition steps and their floor (median)")
+    moe.add_argument("--ds-capacity-factor", type=_capacity_factor, default=None, metavar="F|E/K",
+                     help="run DeepSpeed with drop_tokens=True and capacity factor F (capacity "
+                          "ceil(F * K * tokens / E)), or 'E/K' (per K: capacity = tokens, nothing can be "
+                          "dropped), instead of its dropless mode (drop_tokens=False)")
     moe.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes)")
     moe.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     moe.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
@@ -81,10 +91,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
 
 
+def _capacity_factor(text: str):
+    if text.replace(" ", "").upper() == "E/K":
+        return "E/K"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor E/K") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def _validate(opts: SimpleNamespace) -> None:
     from competesmoe.launcher.errors import UserError
 
-    for name in ("d_model", "experts", "hidden", "tokens", "iters", "nproc", "threads"):
+    for name in ("d_model", "experts", "hidden", "tokens", "iters", "competition_iters", "nproc", "threads"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.warmup < 0:
@@ -127,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"competesmoe bench: error: {err}", file=sys.stderr)
         return 2
+    except BenchFailed as err:
+        print(f"competesmoe bench: failed: {err}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------ spawning
+
+
+class BenchFailed(RuntimeError):
+    """A rank raised or died, or the ranks outlived --timeout."""
 
 
 def _free_port() -> int:
@@ -143,17 +172,27 @@ def _spawn(opts: SimpleNamespace) -> list[dict]:
 
     # Children inherit these: one OpenMP thread per rank (oversubscription made steps 2-3x slower),
     # DeepSpeed's CPU accelerator without its warning.
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
     os.environ["OMP_NUM_THREADS"] = str(opts.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as out_dir:
-        context = mp.start_processes(_rank_main, args=(opts.nproc, port, opts, out_dir), nprocs=opts.nproc,
-                                     join=False, start_method="spawn")
+        try:
+            context = mp.start_processes(_rank_main, args=(opts.nproc, port, opts, out_dir), nprocs=opts.nproc,
+                                         join=False, start_method="spawn")
+        finally:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         deadline = time.monotonic() + opts.timeout
         try:
             while not context.join(timeout=1.0, grace_period=2.0):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"benchmark ranks still running after {opts.timeout:.0f} s")
+                    raise BenchFailed(f"benchmark ranks still running after {opts.timeout:.0f} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise BenchFailed(str(err).strip()) from None
         finally:
             for process in context.processes:
                 if process.is_alive():
@@ -189,10 +228,9 @@ def _init_deepspeed_comm() -> None:
 
     DeepSpeed's torch backend JIT-compiles a shared-memory op at init (g++, ~30 s when not cached)
     that serves only `inference_all_reduce`, which neither MoE layer calls: skip building it."""
+    import importlib
     import logging
     from unittest import mock
-
-    import importlib
 
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -297,28 +335,35 @@ class _RankBench:
         self.rank, self.world, self.opts = rank, world, opts
 
     # timing ------------------------------------------------------------------------------
-    def time_variants(self, variants: dict) -> dict[str, dict]:
-        """Interleaved timing. Returns name -> {'step': median over iterations of the slowest
-        rank's time, 'own': median of this rank's own times}."""
+    def time_variants(self, variants: dict, plan: dict[str, tuple[int, int]]) -> dict[str, dict]:
+        """Interleaved timing; plan[name] = (warm-up, timed iterations). Returns name ->
+        {'step': median over iterations of the slowest rank's time, 'own': median of this rank's
+        own times, 'n': iterations}."""
         import torch
         import torch.distributed as dist
 
         names = list(variants)
         own = {n: [] for n in names}
-        for it in range(self.opts.warmup + self.opts.iters):
+        for it in range(max(sum(plan[n]) for n in names)):
             for name in names:
+                warmup, iters = plan[name]
+                if it >= warmup + iters:
+                    continue
                 dist.barrier()
                 t0 = time.perf_counter()
                 variants[name]()
                 elapsed = time.perf_counter() - t0
                 dist.barrier()
-                if it >= self.opts.warmup:
+                if it >= warmup:
                     own[name].append(elapsed)
-        mine = torch.tensor([own[n] for n in names], dtype=torch.float64)
-        slowest = mine.clone()
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return {n: {"step": statistics.median(slowest[i].tolist()), "own": statistics.median(mine[i].tolist())}
-                for i, n in enumerate(names)}
+        out = {}
+        for name in names:  # the same order and lengths on every rank
+            mine = torch.tensor(own[name], dtype=torch.float64)
+            slowest = mine.clone()
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            out[name] = {"step": statistics.median(slowest.tolist()), "own": statistics.median(mine.tolist()),
+                         "n": len(own[name])}
+        return out
 
     def agree(self, ok: bool) -> bool:
         """True when every rank says ok (keeps all ranks on the same collectives after a failure)."""
@@ -395,8 +440,10 @@ class _RankBench:
         from deepspeed.moe.layer import MoE
 
         expert = nn.Sequential(nn.Linear(D, H, bias=False), nn.GELU(), nn.Linear(H, D, bias=False))
-        ds = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=ep, k=k, capacity_factor=1.0,
-                 eval_capacity_factor=1.0, min_capacity=0, drop_tokens=False, use_rts=False,
+        padded = o.ds_capacity_factor is not None
+        factor = (E / k if o.ds_capacity_factor == "E/K" else o.ds_capacity_factor) if padded else 1.0
+        ds = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=ep, k=k, capacity_factor=factor,
+                 eval_capacity_factor=factor, min_capacity=0, drop_tokens=padded, use_rts=False,
                  noisy_gate_policy=None, top2_2nd_expert_sampling=False).train()
         ds.set_deepspeed_parallelism()
         with torch.no_grad():
@@ -517,37 +564,46 @@ class _RankBench:
             comm[name] = {"total": counter.total(), "by_collective": counter.summary(),
                           "dispatcher_counters": own_counters}
 
-        # DeepSpeed's capacity (dropless: the largest expert load in the EP group) and its estimate.
+        # DeepSpeed's capacity (dropless: the largest expert load in the EP group; padded: its
+        # formula, sharded_moe._capacity with factor F * K) and the assignments it dropped.
         counts_ds = ds.deepspeed_moe.exp_counts.detach().clone().to(torch.int64)
-        if groups.ep is not None and ep > 1:
-            dist.all_reduce(counts_ds, op=dist.ReduceOp.MAX, group=groups.ep)
-        capacity = int(counts_ds.max())
-        if k == 1:
-            capacity = min(capacity, T)
+        if padded:
+            capacity = max(math.ceil(T / E * factor * k), 0)
+        else:
+            group_max = counts_ds.clone()
+            if ep > 1:
+                dist.all_reduce(group_max, op=dist.ReduceOp.MAX, group=groups.ep)
+            capacity = int(group_max.max())
+            if k == 1:
+                capacity = min(capacity, T)
+        dropped = int((counts_ds - capacity).clamp_min(0).sum())
         ds_estimate = 4 * E * capacity * D * 4 * (ep - 1) // ep
 
-        match = None
+        match = match_scale = None
         if "ours" in outputs and "deepspeed" in outputs:
             match = float((outputs["ours"] - outputs["deepspeed"]).abs().max())
             match_scale = float(outputs["deepspeed"].abs().max())
-        else:
-            match_scale = None
 
-        timings = self.time_variants(variants)
+        expensive = ("competition", "floor")
+        plan = {n: (min(o.warmup, 1), o.competition_iters) if n.startswith(expensive) else (o.warmup, o.iters)
+                for n in variants}
+        timings = self.time_variants(variants, plan)
 
         memory = {}
         for name in variants:
             if name.startswith(("ours", "deepspeed", "competition")):
                 try:
-                    memory[name] = peak_step_bytes(variants[name])
+                    memory[name], err = peak_step_bytes(variants[name]), None
                 except Exception as exc:
+                    memory[name], err = None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                if not self.agree(err is None):
                     memory[name] = None
-                    errors.setdefault(f"memory:{name}", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    errors[f"memory:{name}"] = err or "failed on another rank"
 
         expert_flops = 6 * rows * 2 * D * H  # fwd + 2 bwd products of both expert matmuls
         floor_flops = 6 * e_local * ep * T * 2 * D * H
         return {"rank": self.rank, "ep": ep, "k": k, "rows": rows, "counts": counts, "capacity": capacity,
-                "ds_estimate": ds_estimate, "timings": timings, "comm": comm, "memory": memory,
+                "ds_dropped": dropped, "ds_estimate": ds_estimate, "timings": timings, "comm": comm, "memory": memory,
                 "errors": errors, "expert_flops": expert_flops, "floor_flops": floor_flops,
                 "match": match, "match_scale": match_scale, "modes": list(dispatchers)}
 
@@ -590,13 +646,18 @@ def _report(opts: SimpleNamespace, results: list[dict], wall: float) -> str:
     out.append(f"shape: d_model {opts.d_model}, experts {opts.experts}, expert hidden {opts.hidden}, GELU, fp32, "
                f"{opts.tokens} tokens per rank; top-K {opts.top_k}; EP {opts.ep}"
                + ("  [--quick: smoke-test shapes, figures are not meaningful]" if opts.quick else ""))
-    out.append(f"timing: median of {opts.iters} iterations after {opts.warmup} warm-up, variants interleaved, "
-               f"barrier before and after each, step = slowest rank; fwd+bwd with loss = sum(y * probe) + aux")
+    out.append(f"timing: median of {opts.iters} iterations after {opts.warmup} warm-up (competition steps and "
+               f"floor: {opts.competition_iters} after {min(opts.warmup, 1)}), variants interleaved, barrier "
+               f"before and after each, step = slowest rank; fwd+bwd with loss = sum(y * probe) + aux")
     out.append("ours: MoELayer router step, capacity_factor 0 (dropless); EP 1 = data-parallel replicas with "
                "LocalDispatcher, EP > 1 = apply_expert_parallel + AllToAllDispatcher")
+    capacity_text = ("drop_tokens=False (dropless: capacity = largest expert load in the EP group)"
+                     if opts.ds_capacity_factor is None else
+                     f"drop_tokens=True, capacity_factor {opts.ds_capacity_factor} "
+                     f"(capacity = ceil({opts.ds_capacity_factor} x K x tokens / E))")
     out.append("DeepSpeed: deepspeed.moe.layer.MoE, experts Linear-GELU-Linear (no bias), same gate and expert "
-               "weights, drop_tokens=False (dropless: capacity = largest expert load in the EP group), "
-               "min_capacity 0, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False")
+               f"weights, {capacity_text}, min_capacity 0, use_rts=False, noisy_gate_policy=None, "
+               "top2_2nd_expert_sampling=False")
 
     cells = [[r["cells"][i] for r in results] for i in range(len(results[0]["cells"]))]
 
@@ -620,10 +681,11 @@ def _report(opts: SimpleNamespace, results: list[dict], wall: float) -> str:
                      "n/a" if ours is None else f"{opts.tokens / ours:,.0f}",
                      "n/a" if dsp is None else f"{dsp * 1e3:.1f}",
                      "n/a" if dsp is None else f"{opts.tokens / dsp:,.0f}",
-                     _fmt_ratio(ratio), str(c["capacity"]), check])
+                     _fmt_ratio(ratio), str(c["capacity"]),
+                     str(sum(r["ds_dropped"] for r in per_rank)), check])
     out.append("\n1. router step forward+backward throughput (per rank)")
     out.append(_table(["K", "EP", "ours ms", "ours tok/s", "DS ms", "DS tok/s", "ours/DS", "DS capacity",
-                       "ours vs DS output"], rows))
+                       "DS dropped", "ours vs DS output"], rows))
 
     # 2. expert work efficiency
     rows, efficiencies = [], {}

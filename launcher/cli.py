@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     board.add_argument("--port", type=int, default=6006)
     board.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
+    from competesmoe.launcher import evaluate, repro
+
+    repro_parser = sub.add_parser("repro", help="the papers' comparison: a (method x seed) grid, results.md and figures",
+                                  description=repro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    repro.add_arguments(repro_parser)
+    eval_parser = sub.add_parser("eval", help="BPC / perplexity of a checkpoint on any raw text file",
+                                 description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_arguments(eval_parser)
     return parser
 
 
@@ -73,6 +82,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher.tensorboard import serve
 
         return serve(args.run_dirs, host=args.host, port=args.port, dry_run=args.dry_run)
+    if args.command == "repro":
+        from competesmoe.launcher import repro
+
+        return repro.main(args)
+    if args.command == "eval":
+        from competesmoe.launcher import evaluate
+
+        return evaluate.main(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from pathlib import Path

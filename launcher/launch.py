@@ -201,9 +201,11 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
         raise UserError(f"--nnodes {nnodes} with the deepspeed launcher needs --hostfile (ssh/pdsh) "
                         f"or --no-ssh --node-rank R on every node")
     master = opts.master_addr or next(iter(hosts))
-    # pdsh exports only a few variable families to the remote shells; DS_ENV_FILE lists ours.
+    # pdsh exports only a few variable families to the remote shells; DS_ENV_FILE lists ours, and puts
+    # this Python's bin/ first on the remote PATH (the venv's ninja, compilers' wrappers, deepspeed).
     env_file = os.path.join(workdir, "deepspeed_env")
-    files[env_file] = _deepspeed_env_file(env)
+    bindir = os.path.dirname(sys.executable)
+    files[env_file] = _deepspeed_env_file({**env, "PATH": f"{bindir}:$PATH"})
     command = base + ["--hostfile", opts.hostfile, "--launcher", "pdsh", "--no_ssh_check",
                       "--master_addr", master, "--master_port", str(port)]
     if opts.nproc:

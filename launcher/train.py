@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 import socket
 from pathlib import Path
 
@@ -163,7 +164,8 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, pre
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if record["skipped"] and rank == 0:
             bar.write(f"competesmoe: warning: step {step} skipped: non-finite loss or gradient"
-                      + (f" (MoE layers {record['nonfinite_layers']})" if "nonfinite_layers" in record else ""))
+                      + (f" (MoE layers {record['nonfinite_layers']})" if "nonfinite_layers" in record else ""),
+                      file=sys.stderr)
         if step % t.log_every == 0 or step == t.max_steps:
             writer.write(record, trainer.take_routing_stats())
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:

@@ -129,7 +129,8 @@ class XMoERouter(nn.Module):
         self.cfg = cfg
         self.proj_RD = nn.Parameter(torch.empty(b.xmoe_dim, d_model))
         self.embed_ER = nn.Parameter(torch.empty(cfg.num_experts, b.xmoe_dim))
-        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / b.xmoe_temperature)))
+        # shape [1], not a 0-dim tensor: DeepSpeed's initial broadcast cannot view a 0-dim parameter
+        self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / b.xmoe_temperature)))
         nn.init.normal_(self.proj_RD, std=0.02)
         nn.init.orthogonal_(self.embed_ER, gain=0.32)
 
@@ -139,7 +140,7 @@ class XMoERouter(nn.Module):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, experts_TK = routing.topk_renormalised(probs_TE, k)
         balance = routing.switch_balance_loss(probs_TE, experts_TK)
-        temperature = torch.exp(-self.log_inv_temperature.detach().float()).clamp(min=MIN_TEMPERATURE)
+        temperature = torch.exp(-self.log_inv_temperature.detach().float()).clamp(min=MIN_TEMPERATURE).reshape(())
         return RoutingDecision(weights_TK, experts_TK, probs_TE, self.cfg.balance_coef * balance,
                                {"balance_loss": balance.detach(), "temperature": temperature})
 

@@ -1,0 +1,293 @@
+"""`competesmoe eval`: a trained checkpoint on any raw text, plus the routing analyses `repro` draws.
+
+    competesmoe eval RUN_DIR --text FILE [--split all|train|valid|test] [--top-k K] [--batch-size N]
+
+RUN_DIR is a run's output_dir (its newest published checkpoint), its checkpoints/ folder, or one
+checkpoint folder (checkpoints/step00000300). The text is read like `prepare` reads a corpus (.txt,
+.xml, or .bz2/.gz of one) and tokenized with the run's own tokenizer; `--split` takes the same
+90/5/5 byte ranges as `prepare` (default: the whole file). Every token but the first is predicted
+once, in non-overlapping windows of model.seq_len (the training windows; the last one may be
+shorter). Byte-level runs report bits per character (BPC = bits per byte); SentencePiece runs
+report perplexity per token and bits per byte of the text.
+
+The model is rebuilt in this process on the CPU (no DeepSpeed engine, any EP size of the saved run):
+the DeepSpeed model file plus the per-EP-rank expert files. Evaluation never competes; routing
+policies get the step the checkpoint was taken at (StableMoE's stage) and `--top-k` overrides K.
+
+Shape legend: B batch, S sequence, T tokens, D d_model, E experts, G tokens every expert answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from competesmoe.launcher.config import Config, ConfigError, load_config
+from competesmoe.launcher.errors import UserError
+from competesmoe.moe.baselines import RoutingContext
+from competesmoe.moe.model import TransformerLM
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+SPLITS = ("all", "train", "valid", "test")
+ENTROPY_BINS = 40
+PROB_BINS = 40
+
+
+@dataclass
+class LoadedRun:
+    model: TransformerLM
+    cfg: Config
+    step: int
+    """Optimizer steps the checkpoint was taken after."""
+    run_dir: Path
+    tag_dir: Path
+    data_dir: Path
+    """The run's prepared data (its tokenizer and splits)."""
+
+    def context(self, top_k: int | None = None) -> RoutingContext:
+        return RoutingContext(step=self.step, total_steps=self.cfg.train.max_steps, top_k=top_k)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run_dir, tag_dir) for a run directory, its checkpoints/ folder, or one checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass a run's output_dir or one of its checkpoints")
+    if (path / MODEL_FILE).is_file():
+        return path.parent.parent, path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tag = None
+    if (root / "latest").is_file():
+        tag = (root / "latest").read_text().strip()
+    if not tag or not (root / tag / MODEL_FILE).is_file():
+        tags = sorted(p.name for p in root.glob("step*") if (p / MODEL_FILE).is_file())
+        tag = tags[-1] if tags else None
+    if tag is None:
+        raise UserError(f"{path} holds no checkpoint ({root}/step*/{MODEL_FILE}); train the run to the end first")
+    return root.parent, root / tag
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Rebuild the model of a checkpoint in this process (CPU, eval mode)."""
+    from competesmoe.data.tokenizer import META_FILE
+    from competesmoe.parallel import deepspeed_moe
+
+    run_dir, tag_dir = find_checkpoint(path)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{config_file} does not exist: {run_dir} is not a run directory written by `competesmoe train`")
+    try:
+        cfg = load_config(config_file, ["resume=none"])
+    except ConfigError as err:
+        raise UserError(f"{config_file}: {err}") from None
+    data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
+    if not (data_dir / META_FILE).is_file():
+        raise UserError(f"the run's prepared data {data_dir} is missing (its tokenizer is needed); prepare it again "
+                        f"with `competesmoe prepare {config_file}`")
+    meta = json.loads((data_dir / META_FILE).read_text())
+
+    state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=False)
+    module = dict(state["module"])
+    model = TransformerLM(cfg.model, cfg.moe, vocab_size=meta["tokenizer"]["vocab_size"])
+    expert_names = [n for n, _ in model.named_parameters() if ".experts." in f".{n}"]
+    if expert_names:
+        module.update(deepspeed_moe.load_expert_state(str(tag_dir), expert_names, 0, cfg.moe.num_experts))
+    missing, unexpected = model.load_state_dict(module, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {tag_dir} does not fit the model of {config_file} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    step = int((state.get("trainer") or {}).get("step", state.get("global_steps", 0)))
+    model.eval()
+    return LoadedRun(model=model, cfg=cfg, step=step, run_dir=run_dir, tag_dir=tag_dir, data_dir=data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a token stream.
+
+
+def windows(tokens: np.ndarray, seq_len: int, batch_size: int):
+    """(inputs_BS, targets_BS) over non-overlapping windows: starts at multiples of seq_len, the
+    training convention; the last, shorter window covers the tail so every token but the first is a target."""
+    n = len(tokens)
+    starts = list(range(0, max(n - 1, 0), seq_len))
+    full = [s for s in starts if s + seq_len + 1 <= n]
+    for i in range(0, len(full), batch_size):
+        rows = np.stack([tokens[s:s + seq_len + 1] for s in full[i:i + batch_size]]).astype(np.int64)
+        x = torch.from_numpy(rows)
+        yield x[:, :-1], x[:, 1:]
+    tail = [s for s in starts if s + seq_len + 1 > n]
+    for s in tail:
+        x = torch.from_numpy(tokens[s:].astype(np.int64)).unsqueeze(0)
+        yield x[:, :-1], x[:, 1:]
+
+
+@torch.no_grad()
+def score(model: TransformerLM, batches, ctx: RoutingContext) -> tuple[float, int]:
+    """Summed next-token loss (nats) and the number of predicted tokens."""
+    model.eval()
+    nats, count = 0.0, 0
+    for inputs_BS, targets_BS in batches:
+        out = model(inputs_BS, routing=ctx)
+        nats += F.cross_entropy(out.logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="sum").item()
+        count += targets_BS.numel()
+    return nats, count
+
+
+def read_text(path: str | Path, split: str) -> bytes:
+    """The raw bytes of a text file (or one of prepare's 90/5/5 splits of it)."""
+    from competesmoe.data.prepare import read_corpus, resolve_corpus, split_bounds
+
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    try:
+        source = resolve_corpus(str(path))
+    except UserError as err:
+        raise UserError(str(err).replace("data.path: corpus", "--text").replace("set data.path to", "pass")) from None
+    raw = read_corpus(source)
+    if split != "all":
+        a, b = split_bounds(len(raw))[split]
+        raw = raw[a:b]
+    return raw
+
+
+def evaluate_text(run: LoadedRun, text: str | Path, split: str = "all", top_k: int | None = None,
+                  batch_size: int = 8) -> dict:
+    from competesmoe.data.tokenizer import load_tokenizer
+
+    raw = read_text(text, split)
+    tokenizer = load_tokenizer(run.data_dir)
+    tokens = np.asarray(tokenizer.encode(raw))
+    if len(tokens) < 2:
+        raise UserError(f"--text {text} ({split}) holds {len(tokens)} token(s); at least 2 are needed to score anything")
+    if top_k is not None and not 1 <= top_k <= run.cfg.moe.num_experts:
+        raise UserError(f"--top-k ({top_k}) must be within [1, moe.num_experts ({run.cfg.moe.num_experts})]")
+    nats, count = score(run.model, windows(tokens, run.cfg.model.seq_len, batch_size), run.context(top_k))
+    loss = nats / count
+    result = {"text": str(text), "split": split, "bytes": len(raw), "tokens": int(len(tokens)),
+              "predicted": count, "loss": loss, "checkpoint": str(run.tag_dir), "step": run.step,
+              "top_k": top_k or run.cfg.moe.top_k}
+    if tokenizer.kind == "byte":
+        result["bpc"] = loss / math.log(2)
+    else:
+        result["ppl"] = math.exp(min(loss, 50.0))
+        result["bits_per_byte"] = nats / math.log(2) / max(len(raw), 1)
+    return result
+
+
+def format_result(r: dict) -> str:
+    figure = f"bpc {r['bpc']:.4f}" if "bpc" in r else f"ppl {r['ppl']:.3f} (bits per byte {r['bits_per_byte']:.4f})"
+    return (f"{r['text']} [{r['split']}]: {r['bytes']:,} bytes, {r['tokens']:,} tokens, {r['predicted']:,} predicted; "
+            f"checkpoint step {r['step']}, K {r['top_k']}: loss {r['loss']:.4f} nats/token, {figure}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing analyses (repro's figures): K at evaluation, router entropy, expert similarity.
+
+
+def split_batches(run: LoadedRun, split: str, num_batches: int) -> list:
+    """The trainer's evaluation batches of a prepared split (so K = moe.top_k repeats its figure)."""
+    from competesmoe.data.loader import eval_batches
+
+    return list(eval_batches(run.data_dir, split, run.cfg.model.seq_len, run.cfg.train.micro_batch_size, 0, 1,
+                             num_batches))
+
+
+def k_sweep(run: LoadedRun, batches: list, ks: list[int]) -> dict[int, float]:
+    """Mean loss (nats/token) with K experts per token at evaluation, for each K."""
+    out = {}
+    for k in ks:
+        nats, count = score(run.model, batches, run.context(k))
+        out[k] = nats / count
+    return out
+
+
+def expert_similarity(outputs_EGD: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the cosine similarity between two experts' outputs on the same token: [E, E]."""
+    unit_EGD = F.normalize(outputs_EGD.float(), dim=-1)
+    return torch.einsum("egd,fgd->ef", unit_EGD, unit_EGD) / outputs_EGD.shape[1]
+
+
+@torch.no_grad()
+def routing_analysis(run: LoadedRun, batches: list) -> list[dict]:
+    """Per MoE layer, on the given batches: histograms of the per-token router entropy and top-1
+    probability, their means, and the expert-output similarity matrix (representation collapse)."""
+    model = run.model
+    layers = model.moe_layers
+    if not layers:
+        return []
+    E = run.cfg.moe.num_experts
+    acc = [{"entropy": np.zeros(ENTROPY_BINS), "top1": np.zeros(PROB_BINS), "entropy_sum": 0.0, "top1_sum": 0.0,
+            "tokens": 0, "similarity": torch.zeros(E, E), "sim_tokens": 0} for _ in layers]
+
+    def hook_for(index):
+        def hook(layer, args, kwargs):
+            x_TD = args[0].reshape(-1, args[0].shape[-1])
+            ctx = kwargs.get("ctx") or RoutingContext()
+            probs_TE = layer.route(x_TD, ctx).probs_TE.float()
+            ent_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1)
+            top1_T = probs_TE.max(-1).values
+            a = acc[index]
+            a["entropy"] += np.histogram(ent_T.numpy(), bins=ENTROPY_BINS, range=(0.0, math.log(E)))[0]
+            a["top1"] += np.histogram(top1_T.numpy(), bins=PROB_BINS, range=(0.0, 1.0))[0]
+            a["entropy_sum"] += ent_T.sum().item()
+            a["top1_sum"] += top1_T.sum().item()
+            a["tokens"] += x_TD.shape[0]
+            a["similarity"] += expert_similarity(layer.experts.forward_all(x_TD)) * x_TD.shape[0]
+            a["sim_tokens"] += x_TD.shape[0]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.eval()
+        for inputs_BS, _ in batches:
+            model(inputs_BS, routing=run.context())
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for a in acc:
+        sim = (a["similarity"] / max(a["sim_tokens"], 1)).numpy()
+        off = sim[~np.eye(E, dtype=bool)]
+        out.append({"entropy_hist": a["entropy"].tolist(), "top1_hist": a["top1"].tolist(),
+                    "entropy_mean": a["entropy_sum"] / max(a["tokens"], 1),
+                    "top1_mean": a["top1_sum"] / max(a["tokens"], 1),
+                    "max_entropy": math.log(E),
+                    "similarity": sim.round(5).tolist(), "similarity_mean": float(off.mean()) if off.size else 0.0})
+    return out
+
+
+def parameter_counts(run: LoadedRun) -> dict:
+    """Total parameters and the parameters one token uses (K of the E experts per MoE layer)."""
+    model, moe = run.model, run.cfg.moe
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for layer in model.moe_layers for p in layer.experts.parameters())
+    active = total - expert + expert * moe.top_k // moe.num_experts
+    return {"total": total, "active": active}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args) -> int:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    run = load_run(args.checkpoint)
+    result = evaluate_text(run, args.text, args.split, args.top_k, args.batch_size)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="a run's output_dir, its checkpoints/ folder, or one checkpoint folder")
+    parser.add_argument("--text", required=True, help="raw text file (.txt/.xml, or .bz2/.gz of one)")
+    parser.add_argument("--split", default="all", choices=SPLITS,
+                        help="score the whole file (default) or one of prepare's 90/5/5 byte splits of it")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token at evaluation (default moe.top_k)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")

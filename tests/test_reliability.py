@@ -1,0 +1,196 @@
+"""Reliability on real ranks: SIGKILL mid-run and mid-save then exact resume, resharding, a dead
+rank, SIGTERM preemption, non-finite steps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_ep_training import SMALL
+from test_train import ROOT, TINY, competesmoe, records
+
+STEPS = ["train.max_steps=16", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
+
+
+def launch_args(run: Path, nproc: int, ep: int, *extra: str) -> list[str]:
+    return ["launch", "--nproc", str(nproc), "--launcher", "torchrun", TINY, f"output_dir={run}",
+            f"parallel.expert_parallel_size={ep}", *SMALL, *STEPS, *extra]
+
+
+def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(run, "train")):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def losses_by_step(run: Path) -> dict[int, list[float]]:
+    seen: dict[int, list[float]] = {}
+    for r in records(run, "train"):
+        seen.setdefault(r["step"], []).append(r["loss"])
+    return seen
+
+
+def assert_bitwise(reference: Path, resumed: Path) -> None:
+    ref = {s: v[0] for s, v in losses_by_step(reference).items()}
+    got = losses_by_step(resumed)
+    assert sorted(got) == sorted(ref) == list(range(1, 17))
+    for step, values in got.items():  # steps run twice (before the kill and after resume) agree too
+        assert all(v == ref[step] for v in values), (step, values, ref[step])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("full") / "run"
+    result = competesmoe(*launch_args(run, 2, 2), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = start(launch_args(run, 2, 2))
+    wait_for_step(run, 6, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = competesmoe(*launch_args(run, 2, 2, "resume=auto"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert_bitwise(uninterrupted, run)
+
+
+def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = start(launch_args(run, 2, 2), env={"COMPETESMOE_FAULT_KILL_IN_PUBLISH": "step00000008"})
+    proc.wait(timeout=900)
+    assert proc.returncode != 0
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004"]
+    assert (ckpt / ".staging" / "step00000008" / "manifest.json").exists()  # died fully staged, unpublished
+    result = competesmoe(*launch_args(run, 2, 2, "resume=auto"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_bitwise(uninterrupted, run)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    ckpt = run / "checkpoints"
+    newest = sorted(ckpt.glob("step*"))[-1]
+    victim = newest / "experts_ep001_of_002.pt"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    explicit = competesmoe("train", TINY, f"output_dir={run}", *SMALL, *STEPS, f"resume={newest}")
+    assert explicit.returncode == 2 and str(victim) in explicit.stderr and "truncated" in explicit.stderr
+    (run / "metrics.jsonl").unlink()
+    result = competesmoe(*launch_args(run, 2, 2, "resume=auto"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping step00000016" in result.stdout + result.stderr
+    assert min(r["step"] for r in records(run, "train")) == 13  # continued from step 12
+
+
+LINEAR_AUX = ["moe.balance_coef=0", "moe.competition.balance_coef=0", "train.zero_stage=0"]
+"""Every remaining loss term is a mean over tokens, so regrouping tokens over ranks changes only rounding."""
+
+
+@pytest.mark.parametrize("world,ep,micro", [(1, 1, 8), (4, 4, 2)])
+def test_reshard_ep2_checkpoint(tmp_path, world, ep, micro):
+    base = tmp_path / "base"
+    result = competesmoe(*launch_args(base, 2, 2, *LINEAR_AUX), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = {r["step"]: r["loss"] for r in records(base, "train")}
+    run = tmp_path / "resharded"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(base / "checkpoints" / "step00000008", run / "checkpoints" / "step00000008")
+    result = competesmoe("launch", "--nproc", str(world), "--launcher", "torchrun", TINY, f"output_dir={run}",
+                         f"parallel.expert_parallel_size={ep}", *SMALL, *STEPS, *LINEAR_AUX,
+                         f"train.micro_batch_size={micro}", "resume=auto", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    continued = {r["step"]: r["loss"] for r in records(run, "train")}
+    assert sorted(continued) == list(range(9, 17))
+    worst = max(abs(continued[s] - reference[s]) for s in continued)
+    assert worst < 1e-4, worst
+
+
+def rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    ranks = {}
+    for child in launcher.children(recursive=True):
+        try:
+            if "train" in child.cmdline() and "RANK" in child.environ():
+                ranks[int(child.environ()["RANK"])] = child
+        except psutil.Error:
+            pass
+    return ranks
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_dead_rank_ends_the_job(tmp_path, launcher):
+    run = tmp_path / "run"
+    proc = start(["launch", "--nproc", "2", "--launcher", launcher, TINY, f"output_dir={run}", *SMALL,
+                  "train.max_steps=100000"])
+    wait_for_step(run, 2, proc)
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    victim = rank_processes(psutil.Process(proc.pid))[1]
+    killed_at = time.time()
+    victim.kill()
+    output, _ = proc.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(family, timeout=max(0.0, 30 - (time.time() - killed_at)))
+    assert not alive, [p.pid for p in alive]
+    assert time.time() - killed_at < 30
+    assert proc.returncode != 0
+    assert "rank 0: a collective failed because another rank stopped" in output
+    if launcher == "torchrun":
+        assert "rank      : 1" in output or "rank: 1" in output, output[-3000:]
+    else:
+        assert f"{victim.pid}" in output or "exits with return code = -9" in output, output[-3000:]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = start(["launch", "--nproc", "2", "--launcher", "torchrun", TINY, f"output_dir={run}", *SMALL,
+                  "train.max_steps=100000"])
+    wait_for_step(run, 3, proc)
+    for rank in rank_processes(psutil.Process(proc.pid)).values():  # as Slurm does: every task gets SIGTERM
+        rank.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    last = records(run, "train")[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    assert f"saved a checkpoint at step {last}" in output
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    run = tmp_path / "skip"
+    result = competesmoe("train", TINY, f"output_dir={run}", *SMALL, "train.max_steps=6",
+                         env={"COMPETESMOE_FAULT_NAN_STEPS": "3,4"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = {r["step"]: r for r in records(run, "train")}
+    assert [s for s, r in train.items() if r["skipped"]] == [3, 4]
+    assert "step 3 skipped: non-finite" in result.stderr
+    assert all(r["grad_norm"] is None for s, r in train.items() if s in (3, 4))
+
+    run = tmp_path / "stop"
+    result = competesmoe("train", TINY, f"output_dir={run}", *SMALL, "train.max_steps=8", "train.checkpoint_every=2",
+                         "train.max_nonfinite_steps=2", env={"COMPETESMOE_FAULT_NAN_STEPS": "5,6,7"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "2 steps in a row up to step 6" in errors[0]
+    assert "Traceback" not in result.stderr
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step*"))
+    assert saved == ["step00000002", "step00000004"]
+    assert json.loads((run / "checkpoints" / "step00000004" / "run_state.json").read_text())["step"] == 4
