@@ -130,10 +130,16 @@ def _options(args: argparse.Namespace) -> SimpleNamespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run what `add_arguments` parsed. A bad option raises UserError; a failed rank prints its
+    traceback and returns 1."""
     opts = _options(args)
     _validate(opts)
     t0 = time.monotonic()
-    results = _spawn(opts)
+    try:
+        results = _spawn(opts)
+    except BenchFailed as err:
+        print(f"competesmoe bench: failed: {err}", file=sys.stderr)
+        return 1
     print(_report(opts, results, time.monotonic() - t0), flush=True)
     return 0
 
@@ -149,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"competesmoe bench: error: {err}", file=sys.stderr)
         return 2
-    except BenchFailed as err:
-        print(f"competesmoe bench: failed: {err}", file=sys.stderr)
-        return 1
 
 
 # ------------------------------------------------------------------------------------ spawning

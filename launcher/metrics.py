@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,6 +56,28 @@ class RoutingStats:
         return layers
 
 
+HEATMAP_STEPS = 256  # logged steps (columns) one heatmap shows, the latest ones
+# viridis at 0, 1/4, 1/2, 3/4, 1: dark = no tokens, green = an even share, yellow = twice that or more
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def expert_load_heatmap(columns: list[list[float]], cell_height: int = 12, width: int = 512) -> np.ndarray:
+    """RGB uint8 image (H, W, 3): row e is expert e, column t the t-th logged step, colour its share.
+
+    The colour scale is relative to an even split (1/E in the middle of it, 2/E and more brightest),
+    so a balanced router is an even green field and a collapsed one a single bright row on black.
+    """
+    load = np.asarray(columns, dtype=np.float64).T  # (experts, steps)
+    experts, steps = load.shape
+    level = np.clip(load * experts / 2.0, 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    low = np.minimum(level.astype(np.int64), len(_VIRIDIS) - 2)
+    frac = (level - low)[..., None]
+    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac  # (experts, steps, 3)
+    cell_width = max(1, width // max(steps, 1))
+    image = np.repeat(np.repeat(rgb, cell_height, axis=0), cell_width, axis=1)
+    return np.rint(image).astype(np.uint8)
+
+
 class MetricsWriter:
     """metrics.jsonl plus TensorBoard scalars and histograms; only rank 0 writes."""
 
@@ -85,6 +108,21 @@ class MetricsWriter:
                     self._expert_histogram(f"moe/layer{index}/{key}", value, step)
                 else:
                     self.tb.add_scalar(f"moe/layer{index}/{key}", value, step)
+        if moe_layers:
+            self._expert_load_images(moe_layers, step)
+
+    def _expert_load_images(self, moe_layers: list[dict], step: int) -> None:
+        """Per layer, an image of tokens per expert (rows) over the logged steps (columns) so far."""
+        history = self.__dict__.setdefault("_load_history", {})
+        for index, layer in enumerate(moe_layers):
+            shares = layer.get("expert_fraction")
+            if not isinstance(shares, list):
+                continue
+            columns = history.setdefault(index, [])
+            columns.append(shares)
+            del columns[:-HEATMAP_STEPS]
+            self.tb.add_image(f"moe/layer{index}/expert_load_heatmap", expert_load_heatmap(columns), step,
+                              dataformats="HWC")
 
     def _expert_histogram(self, tag: str, shares: list[float], step: int) -> None:
         """A histogram whose bins are the experts and whose heights are their shares of tokens."""

@@ -316,6 +316,9 @@ class Trainer:
             else:
                 self.optimizer.state[param] = {"step": step.clone(), "exp_avg": moments[f"{name}:exp_avg"],
                                                "exp_avg_sq": moments[f"{name}:exp_avg_sq"]}
+        # The groups' lr lives in the optimizer state DeepSpeed did not load; the restored scheduler knows it.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def check_compatible(self, saved: dict, source: Path) -> None:
         """Refuse a checkpoint whose tokenizer or model shape differs from this run's, naming the field."""
