@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = sub.add_parser("eval", help="BPC / perplexity of a checkpoint on any raw text file",
                                  description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
+
+    export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
+    export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
+    export.add_argument("out", help="output .safetensors file (must not exist)")
     return parser
 
 
@@ -90,6 +94,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher import evaluate
 
         return evaluate.main(args)
+    if args.command == "export":
+        return export_checkpoint(args.checkpoint, args.out)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from pathlib import Path
@@ -103,6 +109,19 @@ def dispatch(args: argparse.Namespace) -> int:
     from competesmoe.launcher.train import run
 
     run(cfg)
+    return 0
+
+
+def export_checkpoint(checkpoint_dir: str, out: str) -> int:
+    from pathlib import Path
+
+    from competesmoe.launcher.export import export_safetensors
+
+    if Path(out).exists():
+        raise UserError(f"{out} already exists; choose a new output file (nothing is overwritten)")
+    if not Path(checkpoint_dir).is_dir():
+        raise UserError(f"checkpoint {checkpoint_dir} is not a directory; pass e.g. OUTPUT_DIR/checkpoints/stepNNNNNNNN")
+    print(f"wrote {export_safetensors(Path(checkpoint_dir), Path(out))}")
     return 0
 
 

@@ -194,3 +194,26 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     saved = sorted(p.name for p in (run / "checkpoints").glob("step*"))
     assert saved == ["step00000002", "step00000004"]
     assert json.loads((run / "checkpoints" / "step00000004" / "run_state.json").read_text())["step"] == 4
+
+
+def test_export_consolidates_every_expert(tmp_path, uninterrupted):
+    """An EP-2 checkpoint becomes one safetensors model that computes what the two ranks computed."""
+    import torch
+
+    from competesmoe.data.loader import eval_batches
+    from competesmoe.launcher.export import load_safetensors
+
+    tag_dir = uninterrupted / "checkpoints" / "step00000016"
+    out = tmp_path / "model.safetensors"
+    result = competesmoe("export", str(tag_dir), str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = competesmoe("export", str(tag_dir), str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    model = load_safetensors(out).eval()
+    assert model.moe_layers[0].experts.w_in_EDF.shape[0] == 8  # both ranks' experts
+    total, count = 0.0, 0
+    with torch.no_grad():  # the run evaluated 2 ranks x 4 sequences per batch: one process takes 8
+        for inputs, targets in eval_batches(uninterrupted / "data", "test", 64, 8, 0, 1, 2):
+            total += model(inputs, targets).lm_loss.item() * targets.numel()
+            count += targets.numel()
+    assert abs(total / count - records(uninterrupted, "test")[-1]["loss"]) < 1e-5
