@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -244,11 +245,25 @@ class Trainer:
     def save_checkpoint(self, ckpt_root: Path) -> str:
         """Write aside, then publish atomically (launcher.checkpoint). Collective."""
         self._refuse_nonfinite_weights()
+        self._refuse_full_disk(ckpt_root)
         try:
             return self._save_checkpoint(ckpt_root)
-        except OSError as err:
-            raise UserError(f"saving the step-{self.step} checkpoint under {ckpt_root} failed ({err.strerror or err}); "
-                            f"the previous checkpoint is kept; free space or choose another output_dir") from None
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(ckpt_root / checkpoint.STAGING / checkpoint.tag_for(self.step), ignore_errors=True)
+            raise UserError(f"saving the step-{self.step} checkpoint under {ckpt_root} failed "
+                            f"({getattr(err, 'strerror', None) or str(err).splitlines()[0][:120]}); the previous "
+                            f"checkpoint is kept; free space or choose another output_dir") from None
+
+    def _refuse_full_disk(self, ckpt_root: Path) -> None:
+        """Weights plus two Adam moments, twice over (DeepSpeed's files and ours), must fit."""
+        need = 5 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        short = torch.tensor([float(shutil.disk_usage(ckpt_root).free < need)])
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+        if short.item():
+            raise UserError(f"No space left for the step-{self.step} checkpoint under {ckpt_root} (about "
+                            f"{need / 2**20:.0f} MiB per rank needed); the previous checkpoint is kept; free space "
+                            f"or choose another output_dir")
 
     def _save_checkpoint(self, ckpt_root: Path) -> str:
         tag = checkpoint.tag_for(self.step)
