@@ -90,13 +90,15 @@ class Trainer:
         self.num_moe_layers = len(model.moe_layers)
         model = parallelize(model, cfg, groups)
         ds_config = deepspeed_config(cfg)
-        deepspeed_moe.check_config(ds_config)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=self._make_optimizer(model),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-            config=ds_config,
-        )
+        groups_wd = param_groups(model, cfg.train.weight_decay)
+        if self.num_moe_layers:  # expert gradients reduced over the expert-data-parallel group
+            # Expert params are tagged even at EP 1 so checkpoints always store experts one way.
+            self.engine, self.optimizer, self.scheduler = deepspeed_moe.make_engine(
+                model, ds_config, groups.ep_size, cfg.moe.num_experts, self._make_optimizer,
+                param_groups=groups_wd, lr_scheduler=self._make_scheduler)
+        else:
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=self._make_optimizer(groups_wd), lr_scheduler=self._make_scheduler, config=ds_config)
         self.has_experts = self.num_moe_layers > 0
         # Per-rank streams for dropout and router jitter, distinct between ranks.
         seed_everything(cfg.train.seed + 1000 * (groups.rank + 1))
@@ -107,11 +109,11 @@ class Trainer:
                                     groups.rank, groups.dp_size, cfg.train.seed)
         self.routing_stats = RoutingStats()
 
-    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
+
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         t = self.cfg.train
-        groups = param_groups(model, t.weight_decay)
-        if self.num_moe_layers:  # ZeRO 1/2 partition expert groups over the expert-data-parallel group
-            groups = deepspeed_moe.optimizer_param_groups(groups)
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), eps=1e-8)
 
     @property

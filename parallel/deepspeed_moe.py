@@ -179,10 +179,6 @@ def mark_expert_params(model: nn.Module,
     return names
 
 
-def expert_param_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if is_moe_param(p)]
-
-
 def optimizer_param_groups(model_or_groups, **defaults) -> list[dict]:
     """Param groups with expert params split into DeepSpeed `moe` groups (needed by ZeRO 1/2,
     harmless at stage 0). Accepts a module, an iterable of params, or a list of group dicts

@@ -1,9 +1,9 @@
 """The parallelize step: turns the single-process model into its distributed form.
 
 The model is built whole (every rank the same weights from the same seed); this step then
-applies expert parallelism (shard each MoE layer's experts, swap in the all-to-all transport)
-and tags expert parameters for DeepSpeed's expert-data-parallel gradient reduction, which stays
-on at EP 1 too so checkpoints always store experts the same way (one file per EP rank).
+applies expert parallelism: shard each MoE layer's experts and swap in the all-to-all transport.
+ZeRO and the expert-data-parallel gradient reduction come next, from the DeepSpeed engine
+(`deepspeed_moe.make_engine`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from torch import nn
 
 from competesmoe.launcher.config import Config
 from competesmoe.moe.model import TransformerLM
-from competesmoe.parallel import deepspeed_moe
 from competesmoe.parallel.groups import ParallelGroups
 
 
 def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> TransformerLM:
     if groups.ep_size > 1:
         apply_expert_parallel(model, cfg, groups)
-    if model.moe_layers:
-        deepspeed_moe.mark_expert_params(model, groups.ep_size, cfg.moe.num_experts)
     return model
 
 
