@@ -28,14 +28,15 @@ def assert_same_curve(a: dict[int, float], b: dict[int, float]) -> None:
     assert worst < 1e-4, f"largest loss difference {worst:.2e}"
 
 
-def test_world2_ep1_equals_ep2(tmp_path):
-    assert_same_curve(run_losses(tmp_path, 2, 1), run_losses(tmp_path, 2, 2))
+@pytest.fixture(scope="module")
+def world2_ep1(tmp_path_factory) -> dict[int, float]:
+    return run_losses(tmp_path_factory.mktemp("w2"), 2, 1)
 
 
-@pytest.mark.parametrize("gather", ["outputs"])
-def test_world2_literal_output_gather_equals_ep1(tmp_path, gather):
-    base = run_losses(tmp_path / "a", 2, 1)
-    assert_same_curve(base, run_losses(tmp_path / "b", 2, 2, f"moe.competition.gather={gather}"))
+@pytest.mark.parametrize("extra", [[], ["moe.competition.gather=outputs"], ["train.zero_stage=0"],
+                                   ["train.zero_stage=2"]], ids=["zero1", "literal-output-gather", "zero0", "zero2"])
+def test_world2_ep2_equals_ep1(tmp_path, world2_ep1, extra):
+    assert_same_curve(world2_ep1, run_losses(tmp_path, 2, 2, *extra))
 
 
 def test_world4_ep1_ep2_ep4(tmp_path):
