@@ -30,7 +30,8 @@ processes, for every (top-K, EP size):
 Timing: `--warmup` untimed and `--iters` timed iterations per variant (the competition step and
 its floor, ~10x a router step: one warm-up and `--competition-iters`), variants interleaved
 round-robin so drift hits them alike; a barrier before and after each timed call; a step's time
-is the slowest rank's; the table shows medians. Nothing printed is a constant: every figure comes
+is the slowest rank's; the table shows medians. `--clock cpu` times each rank's process CPU time
+instead of wall time, for a machine that other work shares (the first line prints the load average). Nothing printed is a constant: every figure comes
 from this run.
 
 For the `competesmoe` command: `add_arguments(parser)` adds the `moe-layer` sub-command and its
@@ -83,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="run DeepSpeed with drop_tokens=True and capacity factor F (capacity "
                           "ceil(F * K * tokens / E)), or 'E/K' (per K: capacity = tokens, nothing can be "
                           "dropped), instead of its dropless mode (drop_tokens=False)")
+    moe.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                     help="wall: elapsed time (what a training step costs on a quiet machine); cpu: each "
+                          "rank's process CPU time (less skewed by other work on a shared machine, but "
+                          "blind to time spent waiting for the other rank)")
     moe.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes)")
     moe.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     moe.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
@@ -134,14 +139,21 @@ def run(args: argparse.Namespace) -> int:
     traceback and returns 1."""
     opts = _options(args)
     _validate(opts)
-    t0 = time.monotonic()
+    t0, load_before = time.monotonic(), _loadavg()
     try:
         results = _spawn(opts)
     except BenchFailed as err:
         print(f"competesmoe bench: failed: {err}", file=sys.stderr)
         return 1
-    print(_report(opts, results, time.monotonic() - t0), flush=True)
+    print(_report(opts, results, time.monotonic() - t0, (load_before, _loadavg())), flush=True)
     return 0
+
+
+def _loadavg() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +357,7 @@ class _RankBench:
         import torch
         import torch.distributed as dist
 
+        clock = time.process_time if self.opts.clock == "cpu" else time.perf_counter
         names = list(variants)
         own = {n: [] for n in names}
         for it in range(max(sum(plan[n]) for n in names)):
@@ -353,9 +366,9 @@ class _RankBench:
                 if it >= warmup + iters:
                     continue
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0 = clock()
                 variants[name]()
-                elapsed = time.perf_counter() - t0
+                elapsed = clock() - t0
                 dist.barrier()
                 if it >= warmup:
                     own[name].append(elapsed)
@@ -639,19 +652,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _report(opts: SimpleNamespace, results: list[dict], wall: float) -> str:
+def _report(opts: SimpleNamespace, results: list[dict], wall: float, load: tuple[str, str]) -> str:
     m = results[0]["machine"]
     out = []
     threads = sorted({r["machine"]["torch_threads"] for r in results})
     out.append(f"machine: {m['cpu_model']}, {m['cpus']} cores (this process may use {m['affinity']}), "
                f"{opts.nproc} gloo ranks x {'/'.join(map(str, threads))} torch intra-op thread(s) per rank; "
-               f"torch {m['torch']}, deepspeed {m['deepspeed']}, python {m['python']}")
+               f"torch {m['torch']}, deepspeed {m['deepspeed']}, python {m['python']}; load average "
+               f"(1/5/15 min) {load[0]} at start, {load[1]} at end (other work on the cores skews timings)")
     out.append(f"shape: d_model {opts.d_model}, experts {opts.experts}, expert hidden {opts.hidden}, GELU, fp32, "
                f"{opts.tokens} tokens per rank; top-K {opts.top_k}; EP {opts.ep}"
                + ("  [--quick: smoke-test shapes, figures are not meaningful]" if opts.quick else ""))
     out.append(f"timing: median of {opts.iters} iterations after {opts.warmup} warm-up (competition steps and "
                f"floor: {opts.competition_iters} after {min(opts.warmup, 1)}), variants interleaved, barrier "
-               f"before and after each, step = slowest rank; fwd+bwd with loss = sum(y * probe) + aux")
+               f"before and after each, step = slowest rank; clock: "
+               + ("wall (elapsed)" if opts.clock == "wall" else "process CPU time of each rank (not wall time)")
+               + "; fwd+bwd with loss = sum(y * probe) + aux")
     out.append("ours: MoELayer router step, capacity_factor 0 (dropless); EP 1 = data-parallel replicas with "
                "LocalDispatcher, EP > 1 = apply_expert_parallel + AllToAllDispatcher")
     capacity_text = ("drop_tokens=False (dropless: capacity = largest expert load in the EP group)"

@@ -1,4 +1,4 @@
-"""The `competesmoe` command: train, prepare, launch, tensorboard. User errors print one line and exit 2."""
+"""The `competesmoe` command: train, prepare, launch, tensorboard, repro, eval, finetune. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = sub.add_parser("eval", help="BPC / perplexity of a checkpoint on any raw text file",
                                  description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
+    from competesmoe.launcher import finetune
+
+    finetune_parser = sub.add_parser("finetune", help="a classification head on a checkpoint, trained on SST-2-format TSV",
+                                     description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_arguments(finetune_parser)
 
     export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
     export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
@@ -76,12 +81,14 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         from competesmoe.launcher.launch import LaunchOptions, launch
 
-        load_config(args.config, args.overrides)  # fail here, once, rather than in every rank
+        from competesmoe.launcher.config import validate_world
+
+        cfg = load_config(args.config, args.overrides)  # fail here, once, rather than in every rank
         opts = LaunchOptions(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                              master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile,
                              no_ssh=args.no_ssh, ifname=args.ifname, local_addr=args.local_addr,
                              rdzv_id=args.rdzv_id, threads=args.threads, dry_run=args.dry_run)
-        return launch(opts, [args.config, *args.overrides])
+        return launch(opts, [args.config, *args.overrides], validate=lambda world: validate_world(cfg, world))
     if args.command == "tensorboard":
         from competesmoe.launcher.tensorboard import serve
 
@@ -94,6 +101,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher import evaluate
 
         return evaluate.main(args)
+    if args.command == "finetune":
+        from competesmoe.launcher import finetune
+
+        return finetune.main(args)
     if args.command == "export":
         return export_checkpoint(args.checkpoint, args.out)
     cfg = load_config(args.config, args.overrides)

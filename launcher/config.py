@@ -89,6 +89,10 @@ class BaselineConfig:
     dropout_k_end: int = 0
     """SMoE-Dropout: experts per token at the last training step (K grows linearly in between);
     0 = moe.num_experts. Evaluation uses moe.top_k."""
+    smoe_raw_gates: bool = False
+    """SMoE (router = smoe): gate with the chosen experts' softmax probabilities as they are (the Switch
+    Transformer's gate) instead of renormalising them to sum to one. With top_k 1, renormalised gates
+    are all 1 and the router learns from the balance and z-losses only; repro's 'switch' sets this."""
 
 
 @dataclass
@@ -344,6 +348,10 @@ def validate(cfg: Config) -> None:
     for name in ("router_loss_coef", "hybrid_coef", "diversity_coef", "balance_coef"):
         _check(getattr(c, name) >= 0, f"moe.competition.{name} ({getattr(c, name)}) must not be negative")
     validate_baseline(moe)
+    _check(moe.router != "stablemoe" or (t.zero_stage == 0 and t.precision == "fp32"),
+           f"moe.router = 'stablemoe' needs train.zero_stage 0 and train.precision fp32 (got {t.zero_stage}, "
+           f"{t.precision}): its stage 2 freezes the distilled router by giving it no gradient, and DeepSpeed's "
+           f"ZeRO 1/2 and bf16 optimizers keep moving it with Adam's momentum")
     _check(moe.num_experts % p.expert_parallel_size == 0,
            f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.expert_parallel_size ({p.expert_parallel_size})")
     _check(cfg.resume == "none" or cfg.resume == "auto" or Path(cfg.resume).exists(),

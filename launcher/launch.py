@@ -70,6 +70,8 @@ class Plan:
     ssh_hosts: list[str] = field(default_factory=list)
     master_addr: str | None = None
     node_rank: int | None = None
+    world_size: int | None = None
+    listen_port: int | None = None  # a port this host must be able to listen on (its rendezvous)
 
     def shell(self) -> str:
         prefix = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
@@ -152,7 +154,8 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
         nproc = opts.nproc or (next(iter(hosts.values())) if hosts else 2)
         if nnodes == 1 and opts.master_addr is None:
             return Plan("torchrun-local", launch_command("torchrun", nproc, opts.master_port or _free_port(),
-                                                         train_args), env)
+                                                         train_args), env, world_size=nproc,
+                        listen_port=opts.master_port)
         master = opts.master_addr or (next(iter(hosts)) if hosts else None)
         if master is None:
             raise UserError("torchrun on several nodes needs --master-addr (the rendezvous host, node 0)")
@@ -163,11 +166,19 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
         if opts.node_rank is not None:
             # node 0 hosts the c10d store: say so, rather than let torchrun guess from the hostname
             command += ["--rdzv_conf", f"is_host={int(opts.node_rank == 0)}"]
-        local_addr = opts.local_addr or (interface_address(opts.ifname) if opts.ifname else None)
+        local_addr = opts.local_addr
+        if local_addr is None and opts.ifname:
+            try:
+                local_addr = interface_address(opts.ifname)
+            except UserError:
+                if not opts.dry_run:
+                    raise
+                local_addr = f"<address of {opts.ifname}>"  # a dry run elsewhere: filled in on the node
         if local_addr:
             command += ["--local_addr", local_addr]
         command += ["-m", TRAIN_MODULE, "train", *train_args]
-        return Plan("torchrun-rdzv", command, env, master_addr=master, node_rank=opts.node_rank)
+        return Plan("torchrun-rdzv", command, env, master_addr=master, node_rank=opts.node_rank,
+                    world_size=nnodes * nproc, listen_port=port if opts.node_rank == 0 else None)
 
     if opts.local_addr:
         raise UserError("--local-addr is for torchrun; the deepspeed launcher takes --master-addr")
@@ -177,7 +188,7 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
         master = opts.master_addr or "127.0.0.1"
         command = launch_command("deepspeed", nproc, opts.master_port or _free_port(), train_args)
         command[command.index("--master_addr") + 1] = master
-        return Plan("local", command, env)
+        return Plan("local", command, env, world_size=nproc, listen_port=opts.master_port)
     port = opts.master_port or DEFAULT_MULTINODE_PORT
     base = [sys.executable, "-m", "deepspeed.launcher.runner"]
     tail = ["--no_local_rank", "--module", TRAIN_MODULE, "train", *train_args]
@@ -195,7 +206,9 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
                           "--master_addr", opts.master_addr, "--master_port", str(port)]
         if opts.nproc:
             command += ["--num_gpus", str(opts.nproc)]
-        return Plan("no-ssh", command + tail, env, files, master_addr=opts.master_addr, node_rank=opts.node_rank)
+        world = nnodes * opts.nproc if opts.nproc else (sum(hosts.values()) if hosts else nnodes * 2)
+        return Plan("no-ssh", command + tail, env, files, master_addr=opts.master_addr, node_rank=opts.node_rank,
+                    world_size=world, listen_port=port if opts.node_rank == 0 else None)
 
     if hosts is None:
         raise UserError(f"--nnodes {nnodes} with the deepspeed launcher needs --hostfile (ssh/pdsh) "
@@ -210,8 +223,10 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
                       "--master_addr", master, "--master_port", str(port)]
     if opts.nproc:
         command += ["--num_gpus", str(opts.nproc)]
-    return Plan("ssh", command + tail, {"DS_ENV_FILE": env_file, **env}, files, ssh_hosts=list(hosts),
-                master_addr=master)
+    # one host: DeepSpeed starts it locally, without pdsh, so there is nothing to reach over ssh
+    world = len(hosts) * opts.nproc if opts.nproc else sum(hosts.values())
+    return Plan("ssh", command + tail, {"DS_ENV_FILE": env_file, **env}, files,
+                ssh_hosts=list(hosts) if len(hosts) > 1 else [], master_addr=master, world_size=world)
 
 
 def _deepspeed_env_file(env: dict[str, str]) -> str:
@@ -291,10 +306,23 @@ def check_ssh_hosts(hosts: list[str]) -> None:
                                 f"passwordless ssh to every host is needed, or use --no-ssh --node-rank R")
 
 
+def check_port_free(port: int) -> None:
+    """Nothing listens on the port here yet (SO_REUSEADDR: lingering TIME_WAIT connections don't count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            raise UserError(f"--master-port: port {port} is already in use on this host ({err.strerror}); "
+                            f"choose another, or leave --master-port out on one host for a free one") from None
+
+
 def preflight(p: Plan, opts: LaunchOptions) -> None:
+    if p.listen_port is not None:
+        check_port_free(p.listen_port)
     if opts.ifname:
         check_interface(opts.ifname)
-    if p.mode == "ssh":
+    if p.mode == "ssh" and p.ssh_hosts:
         check_ssh_hosts(p.ssh_hosts)
     elif p.mode in ("no-ssh", "torchrun-rdzv") and p.master_addr and p.node_rank != 0:
         check_route(p.master_addr, opts.master_port or DEFAULT_MULTINODE_PORT, "master address")
@@ -304,7 +332,9 @@ def preflight(p: Plan, opts: LaunchOptions) -> None:
 # running
 
 
-def run_plan(p: Plan, opts: LaunchOptions) -> int:
+def run_plan(p: Plan, opts: LaunchOptions, validate=None) -> int:
+    if validate is not None and p.world_size is not None:
+        validate(p.world_size)  # e.g. the world must be a multiple of the EP size: refuse before any rank starts
     print("+ " + p.shell(), flush=True)
     for path, content in p.files.items():
         print(f"# {path}: " + "; ".join(content.strip().splitlines()), flush=True)
@@ -329,9 +359,10 @@ def run_plan(p: Plan, opts: LaunchOptions) -> int:
             child.kill()
 
 
-def launch(opts: LaunchOptions, train_args: list[str]) -> int:
+def launch(opts: LaunchOptions, train_args: list[str], validate=None) -> int:
+    """Plan, check (`validate(world_size)`, then the network unless --dry-run), print, run; the exit code."""
     with tempfile.TemporaryDirectory(prefix="competesmoe-launch-") as workdir:
-        return run_plan(plan(opts, train_args, workdir), opts)
+        return run_plan(plan(opts, train_args, workdir), opts, validate)
 
 
 def _free_port() -> int:

@@ -57,7 +57,7 @@ class RoutingStats:
 
 
 HEATMAP_STEPS = 256  # logged steps (columns) one heatmap shows, the latest ones
-# viridis at 0, 1/4, 1/2, 3/4, 1: dark = no tokens, green = an even share, yellow = twice that or more
+# viridis at 0, 1/4, 1/2, 3/4, 1: dark purple = no tokens, teal = an even share, yellow = twice that or more
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
@@ -65,7 +65,7 @@ def expert_load_heatmap(columns: list[list[float]], cell_height: int = 12, width
     """RGB uint8 image (H, W, 3): row e is expert e, column t the t-th logged step, colour its share.
 
     The colour scale is relative to an even split (1/E in the middle of it, 2/E and more brightest),
-    so a balanced router is an even green field and a collapsed one a single bright row on black.
+    so a balanced router is an even teal field and a collapsed one a single bright row on dark purple.
     """
     load = np.asarray(columns, dtype=np.float64).T  # (experts, steps)
     experts, steps = load.shape

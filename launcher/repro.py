@@ -1,7 +1,7 @@
 """`competesmoe repro`: the papers' comparison in one command: a grid of (method x seed) byte-level
 runs on the bundled Wikipedia corpus, then results.md and the figures.
 
-    competesmoe repro --quick                        # every method, 2 seeds, tiny models (~20 min, 2 cores)
+    competesmoe repro --quick                        # every method, 3 seeds, tiny models (~15 min, 2 cores)
     competesmoe repro                                # the default grid: every method, 3 seeds, budget 'small'
     competesmoe repro --budget medium --seeds 1 2 3 --methods gshard competesmoe
     competesmoe repro --quick --ablation rate        # CompeteSMoE at competition rates 0.01 .. 0.5
@@ -47,7 +47,7 @@ REFERENCE = "gshard"  # the competition overhead is a ratio to SMoE with the sam
 SKIP_STEPS = 10  # first steps left out of the timing medians (allocation, warm caches)
 
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "switch": ("SMoE top-1 (Switch)", ["moe.router=smoe", "moe.top_k=1"]),
+    "switch": ("SMoE top-1 (Switch)", ["moe.router=smoe", "moe.top_k=1", "moe.baseline.smoe_raw_gates=true"]),
     "gshard": ("SMoE top-2 (GShard)", ["moe.router=smoe"]),
     "xmoe": ("XMoE", ["moe.router=xmoe"]),
     "stablemoe": ("StableMoE", ["moe.router=stablemoe"]),
@@ -60,7 +60,7 @@ _COMMON = ["train.log_every=1", "train.checkpoint_every=0", "train.keep_checkpoi
            "data.tokenizer=byte", "data.path=null", "model.layout=switch", "moe.competition.rate=0.1",
            "moe.competition.cap=2"]
 BUDGETS: dict[str, dict] = {
-    "quick": {"seeds": [1, 2],
+    "quick": {"seeds": [1, 2, 3],
               "overrides": _COMMON + ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.seq_len=64",
                                       "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=64",
                                       "train.max_steps=300", "train.micro_batch_size=8", "train.lr=0.003",
@@ -258,6 +258,9 @@ def run_grid(grid: Grid, jobs: int, progress: bool = True) -> None:
           f"results to {grid.out_dir}", flush=True)
     if not todo:
         return
+    import torch
+
+    torch.set_num_threads(grid.threads)  # the analyses here: no more threads than a run gets
     prepare(load_config(grid.base_config, todo[0].overrides).data, grid.data_dir, progress=False)
     bar = tqdm(total=sum(r.max_steps for r in todo), unit="step", disable=not progress, dynamic_ncols=True,
                desc="grid")
@@ -412,8 +415,9 @@ def write_report(grid: Grid, total_wall_s: float | None = None) -> Path:
               + "` (launcher/repro.py) from the runs under `" + _rel(grid.runs_dir) + "`; every number below is "
               "read from those runs.", ""]
     lines += ["## Budget", "",
-              f"- data: the bundled Wikipedia fragment (data/corpus, 6.1 MB), byte level, split 90/5/5; BPC = bits "
-              f"per byte. Not comparable with published enwik8 numbers.",
+              ("- data: the bundled Wikipedia fragment (data/corpus, 6.1 MB)" if cfg.data.path is None else
+               f"- data: {cfg.data.path}") + ", byte level, split 90/5/5 as `prepare` does; BPC = bits per byte"
+              + (". Not comparable with published enwik8 numbers." if cfg.data.path is None else "."),
               f"- model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, context {m.seq_len}; MoE in every "
               f"block: {moe.num_experts} experts of width {moe.expert_hidden}, top-{moe.top_k} (Switch: top-1); the "
               f"dense baseline has one FFN of width {moe.top_k * moe.expert_hidden}.",
@@ -546,7 +550,11 @@ def _all_ks(groups) -> list[int]:
 
 
 def write_figures(groups: dict[tuple[str, str], list[dict]], out_dir: Path) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the figures need matplotlib: pip install 'matplotlib>=3.7' (a dependency of the "
+                        "package; then competesmoe repro --report-only draws them from the finished runs)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -590,6 +598,9 @@ def write_figures(groups: dict[tuple[str, str], list[dict]], out_dir: Path) -> l
         ax.errorbar(ks, means, yerr=stds, marker="o", ms=3, capsize=2, color=colors[key], lw=widths[key],
                     label=label(key))
     ax.set_xscale("log", base=2)
+    all_ks = _all_ks(groups)
+    ax.set_xticks(all_ks)
+    ax.set_xticklabels([str(k) for k in all_ks])
     ax.set_xlabel("experts activated per token at evaluation (K)")
     ax.set_ylabel("test BPC")
     ax.grid(alpha=0.3)
@@ -661,7 +672,8 @@ def _save(fig, out_dir: Path, name: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="budget 'quick' with its 2 seeds: every method in ~20 min")
+    parser.add_argument("--quick", action="store_true",
+                        help="budget 'quick': every method x 3 seeds, tiny models, 300 steps (~15 min on 2 cores)")
     parser.add_argument("--budget", choices=list(BUDGETS), default="small",
                         help="model and steps per run: quick (d64, 2 layers, 300 steps), small (default: the "
                              "tiny-cpu model, 500 steps), medium (2000 steps, batch 16)")
@@ -674,7 +686,9 @@ def add_arguments(parser) -> None:
                         help="ablate any config field (repeat for a product), e.g. moe.competition.rate=0.01,0.5")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra override for every run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (timings are cleanest with 1)")
-    parser.add_argument("--threads", type=int, default=2, help="threads per run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per run (default 1: on a 2-core machine shared with other jobs, 2 threads "
+                             "measured 4x slower)")
     parser.add_argument("--config", default=None, help="base YAML (default configs/tiny-cpu.yaml)")
     parser.add_argument("--runs-dir", default=None, help="where runs go (default runs/repro/<budget>)")
     parser.add_argument("--out", default=None, help="where results.md and the PNGs go (default docs/results/<budget>)")

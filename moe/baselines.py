@@ -173,7 +173,8 @@ class StableMoERouter(nn.Module):
         stage = stablemoe_stage(ctx.step, ctx.total_steps, b.stablemoe_stage1)
         # Stage 2 freezes the distilled router. The flag is set from the context on every call (a pure
         # function of the step, no history), so its parameters get no gradient (None, not zeros):
-        # DeepSpeed skips them and AdamW leaves them untouched, momentum included.
+        # DeepSpeed's ZeRO-0 path skips them and torch AdamW leaves them untouched, momentum included.
+        # ZeRO 1/2 and bf16 step their flat fp32 copies anyway, so the config refuses them for StableMoE.
         for param in self.distilled_params():
             param.requires_grad_(stage == 1)
         tokens_T = ctx.tokens_BS.reshape(-1)

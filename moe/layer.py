@@ -76,6 +76,8 @@ class MoELayer(nn.Module):
         logits_TE = self.router(x_TD, cfg.jitter)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, experts_TK = routing.topk_renormalised(probs_TE, ctx.top_k or self.top_k)
+        if cfg.router == "smoe" and cfg.baseline.smoe_raw_gates:  # Switch: the probabilities themselves
+            weights_TK = probs_TE.gather(1, experts_TK)
         balance = routing.switch_balance_loss(probs_TE, experts_TK)
         zloss = routing.z_loss(logits_TE)
         loss = cfg.balance_coef * balance + cfg.z_loss_coef * zloss

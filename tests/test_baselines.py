@@ -133,7 +133,7 @@ def reference_smoe(layer: MoELayer, x_TD, tokens_T, ctx):
         g = torch.stack([dot(layer.router.weight_ED[e], x_D) for e in range(E)])
         p = torch.softmax(g, 0)
         win = top(p.tolist(), K)
-        total = sum(p[e] for e in win)
+        total = 1.0 if cfg.baseline.smoe_raw_gates else sum(p[e] for e in win)
         outputs.append(mix(layer, x_D, win, [p[e] / total for e in win]))
         probs.append(p)
         chosen.append(win)
@@ -316,6 +316,20 @@ def test_switch_and_gshard_are_smoe_with_top_k(top_k):
     assert aux.stats["expert_fraction"].sum().item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_switch_raw_gates_match_token_loop_and_train_the_router(top_k):
+    layer = make_layer("smoe", top_k=top_k, balance_coef=0.0, smoe_raw_gates=True)
+    layer.cfg.z_loss_coef = 0.0
+    _, g = compare(layer, RoutingContext())
+    raw = g["router.weight_ED"].abs().max().item()
+    assert raw > 1e-3, "the task loss reaches the router through raw gates"
+    if top_k == 1:  # renormalised top-1 gates are p/p = 1: no task gradient for the router (rounding only)
+        renormalised = make_layer("smoe", top_k=1, balance_coef=0.0)
+        renormalised.cfg.z_loss_coef = 0.0
+        _, g = compare(renormalised, RoutingContext())
+        assert g["router.weight_ED"] is None or g["router.weight_ED"].abs().max().item() < 1e-6 * raw
+
+
 def test_k_override_out_of_range_is_refused():
     layer = make_layer("xmoe")
     with pytest.raises(ValueError, match="top_k 7"):
@@ -342,10 +356,12 @@ def test_dense_baseline_has_the_active_parameters_of_top_k_experts():
     ("moe.baseline.dropout_k_end=9", "moe.baseline.dropout_k_end"),
     ("moe.baseline.xmoe_dimm=3", "did you mean moe.baseline.xmoe_dim"),
     ("moe.router=xmo", "moe.router"),
+    ("moe.router=stablemoe train.zero_stage=2", "needs train.zero_stage 0 and train.precision fp32"),
+    ("moe.router=stablemoe train.precision=bf16", "needs train.zero_stage 0 and train.precision fp32"),
 ])
 def test_baseline_config_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError, match=None) as err:
-        load_config("configs/tiny-cpu.yaml", [override])
+        load_config("configs/tiny-cpu.yaml", override.split())
     assert needle in str(err.value)
 
 

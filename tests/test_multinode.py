@@ -1,7 +1,8 @@
 """Two real "hosts" on one machine: network namespaces with their own addresses joined by a veth
 pair, 2 ranks each, a 20-step EP-2 job across them through `competesmoe launch`, three ways:
 the deepspeed launcher per node (--no-ssh), torchrun with c10d rendezvous, and the deepspeed
-launcher over ssh (pdsh, with an sshd started in each namespace). The losses must equal the same
+launcher over ssh (pdsh, with an sshd started in each namespace); torchrun also with EP 4, so the
+all-to-all and the competition gathers cross the hosts. The losses must equal (bitwise) the same
 job on one host with 4 ranks.
 
 Everything runs inside the namespaces (`ip netns exec`); nothing in the main namespace talks to
@@ -13,6 +14,7 @@ Debian's openssh-server and pdsh (skipped without them).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +55,6 @@ def netns_unavailable() -> str | None:
 
 
 SKIP = netns_unavailable()
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
 
 def kill_namespace_processes(ns: str) -> None:
@@ -117,6 +118,8 @@ class Hosts:
 
 @pytest.fixture(scope="module")
 def hosts():
+    if SKIP:
+        pytest.skip(SKIP)
     remove_stale_namespaces()
     h = Hosts()
     try:
@@ -134,12 +137,26 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_host(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("onehost") / "run"
-    result = competesmoe("launch", "--nproc", "4", "--launcher", "torchrun", TINY, f"output_dir={run}",
-                         f"data.prepared_dir={data_dir}", *JOB, timeout=TIMEOUT)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    return losses(run)
+def one_host_runs(tmp_path_factory, data_dir):
+    """The same job as 4 ranks on one host (loopback, main namespace), once per EP size."""
+    cache: dict[int, dict[int, float]] = {}
+
+    def run_for(ep: int) -> dict[int, float]:
+        if ep not in cache:
+            run = tmp_path_factory.mktemp(f"onehost_ep{ep}") / "run"
+            result = competesmoe("launch", "--nproc", "4", "--launcher", "torchrun", TINY, f"output_dir={run}",
+                                 f"data.prepared_dir={data_dir}", *JOB, f"parallel.expert_parallel_size={ep}",
+                                 timeout=TIMEOUT)
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+            cache[ep] = losses(run)
+        return cache[ep]
+
+    return run_for
+
+
+@pytest.fixture(scope="module")
+def one_host(one_host_runs):
+    return one_host_runs(2)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -170,14 +187,14 @@ def assert_equal_curves(a: dict[int, float], b: dict[int, float]) -> None:
     assert a == b, f"largest loss difference {worst:.2e}"  # bitwise: same ranks, same gloo algorithms
 
 
-def per_node(hosts, tmp_path, data_dir, extra: list[str]) -> Path:
+def per_node(hosts, tmp_path, data_dir, extra: list[str], overrides: tuple[str, ...] = ()) -> Path:
     run = tmp_path / "run"
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = []
     for node in range(2):
         cmd = launch_cmd(*extra, "--nnodes", "2", "--nproc", "2", "--node-rank", str(node),
                          "--master-addr", ADDRS[0], "--master-port", "29510", "--ifname", IFNAME,
-                         TINY, f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB)
+                         TINY, f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB, *overrides)
         procs.append(hosts.start(node, cmd, logs[node]))
     wait_all(procs, logs)
     first = logs[0].read_text().splitlines()[0]
@@ -191,10 +208,12 @@ def test_deepspeed_no_ssh_two_hosts(hosts, tmp_path, data_dir, one_host):
     assert_equal_curves(losses(run), one_host)
 
 
-def test_torchrun_rendezvous_two_hosts(hosts, tmp_path, data_dir, one_host):
-    run = per_node(hosts, tmp_path, data_dir, ["--launcher", "torchrun"])
+@pytest.mark.parametrize("ep", [2, 4])
+def test_torchrun_rendezvous_two_hosts(hosts, tmp_path, data_dir, one_host_runs, ep):
+    """EP 2 keeps each all-to-all inside a host; EP 4 sends it (and the competition gathers) across."""
+    run = per_node(hosts, tmp_path, data_dir, ["--launcher", "torchrun"], (f"parallel.expert_parallel_size={ep}",))
     assert "--rdzv_backend c10d" in (tmp_path / "node0.log").read_text().splitlines()[0]
-    assert_equal_curves(losses(run), one_host)
+    assert_equal_curves(losses(run), one_host_runs(ep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +286,104 @@ def test_unreachable_host_fails_early(hosts, ssh_hosts, tmp_path):
     assert len(errors) == 1 and f"host {SUBNET}.3" in errors[0] and "unreachable" in errors[0], errors
     assert time.time() - start < 40
     assert not (tmp_path / "run").exists()
+
+
+def test_unroutable_master_fails_early(hosts, tmp_path):
+    """Node 1 cannot reach the master address (no route from its namespace): one line, nothing started."""
+    log = tmp_path / "node1.log"
+    proc = hosts.start(1, launch_cmd("--no-ssh", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.99.0.1",
+                                     "--ifname", IFNAME, TINY, f"output_dir={tmp_path / 'run'}"), log)
+    assert proc.wait(timeout=60) == 2, log.read_text()
+    errors = [line for line in log.read_text().splitlines() if "error" in line]
+    assert len(errors) == 1 and "master address 10.99.0.1 is unreachable" in errors[0], errors
+    proc = hosts.start(1, launch_cmd("--launcher", "torchrun", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                                     ADDRS[0], "--ifname", "eth9", TINY, f"output_dir={tmp_path / 'run'}"), log)
+    assert proc.wait(timeout=60) == 2, log.read_text()
+    assert f"network interface eth9 does not exist on this host (it has: lo, {IFNAME})" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# planning alone (no namespaces needed): the commands and the one-line refusals
+
+
+def plan_of(*args: str, **kw):
+    from competesmoe.launcher.launch import LaunchOptions, plan
+
+    return plan(LaunchOptions(**kw), ["c.yaml"], "/tmp/w")
+
+
+def test_one_host_command_is_unchanged():
+    from competesmoe.launcher.launch import launch_command
+
+    p = plan_of(nproc=3, master_port=1234)
+    assert p.mode == "local" and p.command == launch_command("deepspeed", 3, 1234, ["c.yaml"])
+    p = plan_of(launcher="torchrun", nproc=3, master_port=1234)
+    assert p.command == launch_command("torchrun", 3, 1234, ["c.yaml"])
+    assert p.env == {"OMP_NUM_THREADS": "1"}
+    assert plan_of(threads=2, ifname="eth1").env == {"OMP_NUM_THREADS": "2", "GLOO_SOCKET_IFNAME": "eth1",
+                                                     "NCCL_SOCKET_IFNAME": "eth1"}
+
+
+def test_ssh_plan_exports_our_variables(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nw0 slots=4\n\nw1 slots=4  # second\n")
+    p = plan_of(hostfile=str(hostfile), ifname="ib0")
+    assert p.mode == "ssh" and p.ssh_hosts == ["w0", "w1"]
+    assert p.command[p.command.index("--master_addr") + 1] == "w0"  # the first host by default
+    assert "--no_ssh_check" in p.command and "--launcher" in p.command  # we check ssh ourselves, all hosts
+    env_file = p.env["DS_ENV_FILE"]
+    assert "GLOO_SOCKET_IFNAME=ib0" in p.files[env_file] and "OMP_NUM_THREADS=1" in p.files[env_file]
+    assert f"PATH={os.path.dirname(sys.executable)}:$PATH" in p.files[env_file]
+
+
+def test_world_size_of_each_shape(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("w0 slots=4\nw1 slots=2\n")
+    assert plan_of(nproc=3).world_size == 3
+    assert plan_of(hostfile=str(hostfile)).world_size == 6  # each host's slots
+    assert plan_of(hostfile=str(hostfile), nproc=1).world_size == 2  # --nproc caps every host
+    assert plan_of(nnodes=3, nproc=2, node_rank=1, master_addr="m").world_size == 6
+    assert plan_of(launcher="torchrun", nnodes=2, nproc=4, node_rank=0, master_addr="m").world_size == 8
+    assert plan_of(nnodes=2, node_rank=0, master_addr="m").listen_port == 29500  # node 0 must be free to listen
+    assert plan_of(nnodes=2, node_rank=1, master_addr="m").listen_port is None
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("w0 slots=2\nw1 slots=two\n", "line 2: expected 'HOSTNAME slots=N'"),
+    ("w0 slots=2\nw0 slots=2\n", "line 2: w0 is listed twice"),
+    ("w0 slots=0\n", "line 1: w0 has slots=0"),
+    ("# nothing\n\n", "lists no hosts"),
+])
+def test_bad_hostfile(tmp_path, content, needle):
+    from competesmoe.launcher.errors import UserError
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        plan_of(hostfile=str(hostfile))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(hostfile="/nonexistent/hosts"), "hostfile /nonexistent/hosts does not exist"),
+    (dict(nnodes=2), "needs --hostfile (ssh/pdsh) or --no-ssh --node-rank R"),
+    (dict(nnodes=2, no_ssh=True), "give it --node-rank"),
+    (dict(nnodes=2, node_rank=1), "--no-ssh needs --master-addr"),
+    (dict(nnodes=2, node_rank=2, master_addr="m"), "--node-rank (2) must be in [0, 2)"),
+    (dict(launcher="torchrun", nnodes=2), "needs --master-addr"),
+    (dict(launcher="torchrun", nnodes=2, master_addr="m", no_ssh=True), "--no-ssh belongs to the deepspeed"),
+    (dict(nproc=0), "--nproc (0) must be at least 1"),
+])
+def test_inconsistent_options(kw, needle):
+    from competesmoe.launcher.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        plan_of(**kw)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("w0 slots=2\nw1\n")
+    result = competesmoe("launch", "--hostfile", str(hostfile), TINY, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"competesmoe: error: hostfile {hostfile} line 2: expected 'HOSTNAME slots=N', got 'w1'")

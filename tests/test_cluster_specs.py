@@ -1,0 +1,204 @@
+"""The cluster job specs (docker/compose.yaml, docker/slurm/train.sbatch, docker/k8s/train-job.yaml)
+parse, and on every node they start exactly what `competesmoe launch` starts: each node's command is
+run through the real CLI with --dry-run and the printed command is checked (one rendezvous endpoint,
+distinct node ranks 0..N-1, N nodes, node 0 hosting the store, the same training arguments)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_train import ROOT
+
+DOCKER = ROOT / "docker"
+IMAGE_ROOT = "/opt/competesmoe/"  # where the Dockerfiles put the project (WORKDIR + COPY)
+
+
+def underlying(stdout: str) -> tuple[dict[str, str], list[str]]:
+    """The `+ VAR=value ... command` line `competesmoe launch` prints: (variables, argv)."""
+    line = next(line for line in stdout.splitlines() if line.startswith("+ "))
+    words = shlex.split(line[2:])
+    env = {}
+    while "=" in words[0] and not words[0].startswith("/"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env, words
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def dry_run(launch_args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`competesmoe launch ARGS --dry-run`, with the image's paths mapped onto this checkout."""
+    from competesmoe.launcher.cli import main
+
+    args = [str(ROOT / a[len(IMAGE_ROOT):]) if a.startswith(IMAGE_ROOT) else a for a in launch_args]
+    assert args[0] == "launch", args
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the real CLI, in this process (a subprocess costs seconds)
+        assert main(["launch", "--dry-run", *args[1:]]) == 0
+    return underlying(out.getvalue())
+
+
+def train_args(argv: list[str]) -> list[str]:
+    return argv[argv.index("train") + 1:]
+
+
+def check_torchrun_nodes(nodes: list[tuple[dict, list[str]]], nnodes: int, endpoint: str, nproc: str) -> None:
+    assert len(nodes) == nnodes
+    for rank, (env, argv) in enumerate(nodes):
+        assert argv[1:3] == ["-m", "torch.distributed.run"], argv
+        assert option(argv, "--nnodes") == str(nnodes) and option(argv, "--nproc_per_node") == nproc
+        assert option(argv, "--rdzv_backend") == "c10d" and option(argv, "--rdzv_endpoint") == endpoint
+        assert option(argv, "--rdzv_conf") == f"is_host={int(rank == 0)}"
+        assert argv[argv.index("train") - 2:argv.index("train")] == ["-m", "competesmoe.launcher.cli"]
+        assert env["OMP_NUM_THREADS"] == "1"
+    assert len({option(argv, "--rdzv_id") for _, argv in nodes}) == 1
+    assert len({tuple(train_args(argv)) for _, argv in nodes}) == 1, "every node trains the same job"
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+
+def test_compose_nodes_and_tensorboard():
+    spec = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = spec["services"]
+    nodes = {name: s for name, s in services.items() if s.get("command", [None])[0] == "launch"}
+    assert len(nodes) == 2
+    dockerfile = (DOCKER / "Dockerfile.cpu").read_text()
+    assert 'ENTRYPOINT ["competesmoe"]' in dockerfile  # so `command: [launch, ...]` is `competesmoe launch ...`
+    build = services["node0"]["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile.cpu"
+    by_rank = {}
+    for name, service in nodes.items():
+        command = [str(word) for word in service["command"]]
+        assert service["hostname"] == name and "runs:/workspace/runs" in service["volumes"]
+        by_rank[int(option(command, "--node-rank"))] = (name, command)
+    assert sorted(by_rank) == [0, 1]
+    master = option(by_rank[0][1], "--master-addr")
+    assert master == by_rank[0][0] and all(option(c, "--master-addr") == master for _, c in by_rank.values())
+    ran = [dry_run(by_rank[r][1]) for r in sorted(by_rank)]
+    check_torchrun_nodes(ran, 2, f"{master}:29500", "1")
+    assert all(env["GLOO_SOCKET_IFNAME"] == "eth0" for env, _ in ran)
+
+    board = services["tensorboard"]
+    assert board["entrypoint"] == ["tensorboard"] and option(board["command"], "--logdir") == "/workspace/runs"
+    assert all(p.startswith("127.0.0.1:") for p in board["ports"]), "TensorBoard only on the host's loopback"
+    assert "runs:/workspace/runs:ro" in board["volumes"] and "runs" in spec["volumes"]
+
+
+# ---------------------------------------------------------------------------------------------- Slurm
+
+SRUN = r"""#!/bin/bash
+# srun stand-in: run the command once per node of the allocation, with that node's SLURM_NODEID
+while [[ "$1" == -* ]]; do shift; done
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?
+done
+"""
+SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-a01\\ngpu-a02\\n'
+"""
+COMPETESMOE = """#!/bin/bash
+# the real CLI, told to print its command only
+sub=$1; shift
+exec "{python}" -m competesmoe.launcher.cli "$sub" --dry-run "$@"
+"""
+
+
+def stub(folder: Path, name: str, text: str) -> None:
+    path = folder / name
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def run_sbatch(tmp_path, **env) -> list[tuple[dict, list[str]]]:
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub(bin_dir, "srun", SRUN)
+    stub(bin_dir, "scontrol", SCONTROL)
+    stub(bin_dir, "competesmoe", COMPETESMOE.format(python=sys.executable))
+    slurm = {"SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+             "SLURM_JOB_ID": "4242"}
+    result = subprocess.run(["bash", str(DOCKER / "slurm" / "train.sbatch"), "configs/switch-small.yaml",
+                             "output_dir=/shared/runs/s"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **slurm, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert len(lines) == 2, result.stdout
+    return [underlying(line) for line in lines]
+
+
+def test_sbatch_parses():
+    assert subprocess.run(["bash", "-n", str(DOCKER / "slurm" / "train.sbatch")]).returncode == 0
+    text = (DOCKER / "slurm" / "train.sbatch").read_text()
+    assert re.search(r"^#SBATCH --ntasks-per-node=1$", text, re.M)  # one launcher per node
+
+
+def test_sbatch_torchrun_on_every_node(tmp_path):
+    nodes = run_sbatch(tmp_path, IFNAME="lo")
+    check_torchrun_nodes(nodes, 2, "gpu-a01:29500", "8")
+    assert {option(argv, "--rdzv_id") for _, argv in nodes} == {"4242"}
+    assert train_args(nodes[0][1]) == ["configs/switch-small.yaml", "output_dir=/shared/runs/s"]
+    assert all(env["NCCL_SOCKET_IFNAME"] == "lo" for env, _ in nodes)
+
+
+def test_sbatch_deepspeed_per_node(tmp_path):
+    nodes = run_sbatch(tmp_path, LAUNCHER="deepspeed")
+    for rank, (env, argv) in enumerate(nodes):
+        assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_ssh" in argv
+        assert option(argv, "--node_rank") == str(rank) and option(argv, "--master_addr") == "gpu-a01"
+        assert option(argv, "--num_gpus") == "8" and "NCCL_SOCKET_IFNAME" not in env
+
+
+# ---------------------------------------------------------------------------------------------- Kubernetes
+
+
+def test_kubernetes_indexed_job():
+    docs = list(yaml.safe_load_all((DOCKER / "k8s" / "train-job.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "Service")
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    rank_env = next(e for e in container["env"] if e["name"] == "NODE_RANK")
+    assert "job-completion-index" in rank_env["valueFrom"]["fieldRef"]["fieldPath"]
+    command = [str(word) for word in container["command"]]
+    assert command[0] == "competesmoe"
+    master = option(command, "--master-addr")
+    assert master == f"{job['metadata']['name']}-0.{service['metadata']['name']}"  # pod 0's stable DNS name
+    port = option(command, "--master-port")
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert option(command, "--nnodes") == str(spec["completions"])
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert option(command, "--nproc") == str(gpus)
+    nodes = [dry_run([w.replace("$(NODE_RANK)", str(index)) for w in command[1:]])
+             for index in range(spec["completions"])]
+    check_torchrun_nodes(nodes, spec["completions"], f"{master}:{port}", str(gpus))
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/dev/shm" in mounts and option(command, "--ifname") == "eth0"
+    out = next(a for a in train_args(nodes[0][1]) if a.startswith("output_dir="))
+    assert any(out.split("=", 1)[1].startswith(m) for m in mounts), "output_dir on the shared volume"
+
+
+@pytest.mark.parametrize("spec", ["compose.yaml", "k8s/train-job.yaml"])
+def test_config_paths_exist_in_image(spec):
+    text = (DOCKER / spec).read_text()
+    for path in re.findall(r"/opt/competesmoe/(\S+\.yaml)", text):
+        assert (ROOT / path).is_file(), path
