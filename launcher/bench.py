@@ -2,7 +2,7 @@
 
     python -m competesmoe.launcher.bench moe-layer [--d-model 256 --experts 8 --hidden 1024
                                                     --tokens 4096 --top-k 1 2 --ep 1 2 --iters 7
-                                                    --competition-iters 3 --ds-capacity-factor F]
+                                                    --competition-iters 3 --clock wall]
 
 Spawns `--nproc` gloo ranks (torch.multiprocessing, one intra-op thread each) and, in those same
 processes, for every (top-K, EP size):
@@ -11,8 +11,8 @@ processes, for every (top-K, EP size):
      `deepspeed.moe.layer.MoE` (the same experts as torch Linear-GELU-Linear modules, the same gate
      weights, dropless: drop_tokens=False, so its capacity C is the largest expert load in the EP
      group; `--ds-capacity-factor F` instead pads to C = ceil(F * K * T / E) with drop_tokens=True),
-     and the ratio ours/DeepSpeed. At EP 1 the ranks are plain
-     data-parallel replicas (every rank holds every expert; ours runs the LocalDispatcher).
+     and the ratio ours/DeepSpeed. At EP 1 the ranks are plain data-parallel replicas (every rank
+     holds every expert; ours runs the LocalDispatcher).
   2. expert work efficiency: the FLOP rate of our GroupedExperts fwd+bwd on the rows the router
      step actually sent to this rank's experts, over the rate one dense matmul chain of the same
      total size (x[rows, d] @ w_in[d, h], then @ w_out[h, d], forward and both backward products,
@@ -31,8 +31,9 @@ Timing: `--warmup` untimed and `--iters` timed iterations per variant (the compe
 its floor, ~10x a router step: one warm-up and `--competition-iters`), variants interleaved
 round-robin so drift hits them alike; a barrier before and after each timed call; a step's time
 is the slowest rank's; the table shows medians. `--clock cpu` times each rank's process CPU time
-instead of wall time, for a machine that other work shares (the first line prints the load average). Nothing printed is a constant: every figure comes
-from this run.
+instead of wall time, for a machine that other work shares (the first line prints the load
+average). Nothing printed is a constant: every figure comes from this run; the targets at the end
+are the issue's thresholds, each marked reached or not with the measured figures.
 
 For the `competesmoe` command: `add_arguments(parser)` adds the `moe-layer` sub-command and its
 options to a parser, `run(args)` runs what was parsed, `main(argv)` does both.
