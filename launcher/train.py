@@ -64,9 +64,8 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
 
 
 def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
-    from competesmoe.data.prepare import prepare, resolve_corpus
+    from competesmoe.data.prepare import prepare
 
-    resolve_corpus(cfg.data.path)  # every rank fails the same way on a bad corpus
     data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
     if rank == 0:
         prepare(cfg.data, data_dir, progress=True)
@@ -89,13 +88,17 @@ def resume_point(cfg: Config, ckpt_root: Path):
 
 
 def run(cfg: Config) -> None:
+    from competesmoe.data.prepare import resolve_corpus
+
     torch.set_num_threads(cfg.parallel.threads_per_rank)
     device = pick_device(cfg.parallel.device)
     run_dir = Path(cfg.output_dir)
     check_output_dir(cfg, run_dir)
+    # Checks that need no peer come before any collective, so every rank fails alike and at once.
+    validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    resolve_corpus(cfg.data.path)
     init_distributed(cfg, device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    validate_world(cfg, world)
+    rank = dist.get_rank()
     groups = build_groups(cfg.parallel.expert_parallel_size)
     data_dir = prepare_data(cfg, run_dir, rank)
 

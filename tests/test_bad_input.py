@@ -1,7 +1,9 @@
 """Bad input, table-driven: each case gets one line on stderr naming the field, file or rank and the
 fix, exit code 2, no traceback, and nothing the user had is changed."""
 
+import contextlib
 import hashlib
+import io
 import shutil
 import socket
 import subprocess
@@ -10,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch.distributed
 
-from test_train import ROOT, TINY, competesmoe
+from test_train import TINY, competesmoe
 
 QUICK = ["train.max_steps=2", "train.eval_every=0", "train.eval_batches=1", "model.d_model=64", "model.n_layers=2",
          "model.n_heads=2", "model.seq_len=64", "moe.expert_hidden=64", "train.micro_batch_size=2"]
@@ -39,6 +42,8 @@ class Case:
     needle: Callable[[Path, Path], str]
     """What the one error line must contain."""
     setup: Callable[[Path], None] = lambda scratch: None
+    in_process: bool = True
+    """Fails before any process group exists, so it runs in the test process (fast); else a subprocess."""
 
 
 def train(*extra: str) -> Callable[[Path, Path], list[str]]:
@@ -85,19 +90,29 @@ CASES = [
          lambda d, r: f"output_dir {r} already holds a run"),
     Case("output_dir not writable", lambda d, r: train()(d, r)[:2] + [f"output_dir={d / 'afile' / 'run'}", *QUICK],
          lambda d, r: f"output_dir {d / 'afile' / 'run'} is not writable", setup=write("afile", b"x")),
-    Case("resume from a path that does not exist", train(f"resume=/nonexistent/ckpt"), lambda d, r: "resume = '/nonexistent/ckpt'"),
+    Case("resume from a path that does not exist", train("resume=/nonexistent/ckpt"), lambda d, r: "resume = '/nonexistent/ckpt'"),
     Case("resume with a changed model shape", lambda d, r: ["train", TINY, f"output_dir={r}", *QUICK,
                                                             "model.d_model=96", "model.n_heads=2", "resume=auto"],
-         lambda d, r: "model.d_model is 96 but checkpoint"),
+         lambda d, r: "model.d_model is 96 but checkpoint", in_process=False),
     Case("tokenizer differs from the checkpoint's", lambda d, r: [
         "train", TINY, f"output_dir={r}", *QUICK, "resume=auto", "data.tokenizer=sentencepiece",
-        "data.vocab_size=600", f"data.prepared_dir={d / 'spm'}"], lambda d, r: "was trained with tokenizer"),
+        "data.vocab_size=600", f"data.prepared_dir={d / 'spm'}"], lambda d, r: "was trained with tokenizer", in_process=False),
     Case("corrupt checkpoint named explicitly", lambda d, r: [
         "train", TINY, f"output_dir={r}", *QUICK, f"resume={r / 'checkpoints' / 'step00000002'}"],
-         lambda d, r: "mp_rank_00_model_states.pt is corrupt"),
+         lambda d, r: "mp_rank_00_model_states.pt is corrupt", in_process=False),
     Case("export over an existing file", lambda d, r: ["export", str(r / "checkpoints" / "step00000002"),
                                                       str(r / "config.yaml")], lambda d, r: "already exists"),
 ]
+
+
+def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    from competesmoe.launcher.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    assert not torch.distributed.is_initialized()  # failed before any collective
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -108,7 +123,7 @@ def test_bad_input(case: Case, tmp_path, finished_run):
         corrupt_checkpoint(run)
     case.setup(tmp_path)
     before_run = snapshot(run)
-    result = competesmoe(*case.args(tmp_path, run))
+    result = run_in_process(case.args(tmp_path, run)) if case.in_process else competesmoe(*case.args(tmp_path, run))
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
