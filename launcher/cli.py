@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     finetune.add_arguments(finetune_parser)
 
+    from competesmoe.launcher import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="benchmarks: `bench moe-layer` (ours vs DeepSpeed-MoE)"))
+
     export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
     export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
     export.add_argument("out", help="output .safetensors file (must not exist)")
@@ -105,6 +109,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher import finetune
 
         return finetune.main(args)
+    if args.command == "bench":
+        from competesmoe.launcher import bench
+
+        return bench.run(args)
     if args.command == "export":
         return export_checkpoint(args.checkpoint, args.out)
     cfg = load_config(args.config, args.overrides)

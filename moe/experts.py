@@ -46,14 +46,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_ND holds counts[e] consecutive tokens for expert e; returns their outputs in the same order."""
-        outputs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            x_nD = x_ND[start:start + n]
-            outputs.append(self._act(x_nD @ self.w_in_EDF[e]) @ self.w_out_EFD[e])
-            start += n
+        # split/unbind rather than slicing per expert: slicing makes backward zero-fill and sum one
+        # full-size gradient per expert (17% of a step in a profile); this gives identical numbers.
+        w_in, w_out = self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0)
+        outputs = [self._act(x_nD @ w_in_DF) @ w_out_FD
+                   for x_nD, w_in_DF, w_out_FD, n in zip(x_ND.split(list(counts)), w_in, w_out, counts) if n]
         if not outputs:
             # No tokens here: keep every parameter in the graph so backward reaches it with zeros.
             return x_ND.new_zeros(0, x_ND.shape[1]) + 0.0 * (self.w_in_EDF.sum() + self.w_out_EFD.sum())
