@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """A problem the user can fix: the message names the field, file or rank and the fix."""
+
+
+def is_peer_failure(err: Exception) -> bool:
+    """A collective that failed because another rank died or cannot be reached."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(s in text for s in ("Connection closed", "Connection reset",
+                                                                         "Gloo", "NCCL", "Timed out", "timed out"))

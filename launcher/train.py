@@ -19,7 +19,7 @@ import yaml
 
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict, validate_world
-from competesmoe.launcher.errors import UserError
+from competesmoe.launcher.errors import UserError, is_peer_failure
 from competesmoe.launcher.metrics import MetricsWriter
 from competesmoe.launcher.trainer import Trainer, pick_device
 from competesmoe.parallel.groups import build_groups
@@ -126,12 +126,6 @@ def run(cfg: Config) -> None:
         writer.close()
     dist.barrier()
     dist.destroy_process_group()
-
-
-def is_peer_failure(err: Exception) -> bool:
-    text = str(err)
-    return isinstance(err, dist.DistError) or any(s in text for s in ("Connection closed", "Connection reset",
-                                                                         "Gloo", "NCCL", "Timed out", "timed out"))
 
 
 def first_line(err: Exception) -> str:

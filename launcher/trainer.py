@@ -19,7 +19,7 @@ import torch.distributed as dist
 from competesmoe.data.loader import TrainSampler, eval_batches, load_meta
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict
-from competesmoe.launcher.errors import UserError
+from competesmoe.launcher.errors import UserError, is_peer_failure
 from competesmoe.launcher.metrics import RoutingStats
 from competesmoe.moe.baselines import RoutingContext
 from competesmoe.moe.model import TransformerLM
@@ -251,6 +251,8 @@ class Trainer:
         try:
             return self._save_checkpoint(ckpt_root)
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            if is_peer_failure(err):  # a dead peer, not a write failure: leave its staged files alone
+                raise
             shutil.rmtree(ckpt_root / checkpoint.STAGING / checkpoint.tag_for(self.step), ignore_errors=True)
             raise UserError(f"saving the step-{self.step} checkpoint under {ckpt_root} failed "
                             f"({getattr(err, 'strerror', None) or str(err).splitlines()[0][:120]}); the previous "
