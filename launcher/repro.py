@@ -483,11 +483,12 @@ def write_report(grid: Grid, total_wall_s: float | None = None) -> Path:
             lines.append(text + ".")
         lines.append("")
 
-        lines += ["## Where CompeteSMoE won, lost or tied", "",
+        ours_key = next((k for k in comp_keys if k[1] == ""), comp_keys[0])
+        lines += [f"## Where {label(ours_key)} won, lost or tied", "",
                   "Rule: lower BPC is better; 'won' / 'lost' when the two mean ± std intervals do not overlap, "
                   "'tied' when they do. With this few seeds a tie is the honest reading of most differences.", "",
-                  "| CompeteSMoE vs | valid BPC | test BPC | test BPC difference (theirs - ours) |", "|---|---|---|---|"]
-        ours_key = next((k for k in comp_keys if k[1] == ""), comp_keys[0])
+                  f"| {label(ours_key)} vs | valid BPC | test BPC | test BPC difference (theirs - ours) |",
+                  "|---|---|---|---|"]
         ours = groups[ours_key]
         for key, results in groups.items():
             if key == ours_key:
