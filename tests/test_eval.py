@@ -4,13 +4,11 @@ equal to an independent loop over the model, the K override, and bad input in on
 import bz2
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import competesmoe
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +19,6 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_l
          "train.eval_batches=2", "train.micro_batch_size=4", "train.checkpoint_every=0"]
 
 
-def competesmoe(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ by the test itself: no real labelled corpus is available from a package on this 
 the mechanics (format, pooling, training, routing plumbing), not sentiment quality."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_train import competesmoe
 import torch
 
 from competesmoe.launcher.errors import UserError
@@ -39,9 +37,6 @@ def synthetic_sst2(path: Path, n: int, seed: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def competesmoe(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
