@@ -106,8 +106,10 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
   SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?
 done
 """
+# the pause makes the script's reader finish before the second host is written, as with a long node list:
+# a reader that stops early (`head -n 1`) then kills the job with SIGPIPE under pipefail (CI saw exit 141)
 SCONTROL = """#!/bin/bash
-[ "$1 $2" = "show hostnames" ] && printf 'gpu-a01\\ngpu-a02\\n'
+[ "$1 $2" = "show hostnames" ] && { printf 'gpu-a01\\n'; sleep 0.3; printf 'gpu-a02\\n'; }
 """
 COMPETESMOE = """#!/bin/bash
 # the real CLI, told to print its command only
