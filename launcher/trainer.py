@@ -180,13 +180,25 @@ class Trainer:
 
     def _clip_zero0(self) -> float:
         """ZeRO 0: the global gradient norm (each expert counted once), clipping, and the skip of a
-        non-finite step (parameters without a gradient are left alone by AdamW)."""
-        module = self.engine.module
-        norm = float(deepspeed_moe.clip_grad_norm_ep(module, self.cfg.train.grad_clip))
-        if not math.isfinite(norm):
-            for param in module.parameters():
-                param.grad = None
+        non-finite step."""
+        norm = float(deepspeed_moe.clip_grad_norm_ep(self.engine.module, self.cfg.train.grad_clip))
+        self._make_step_a_skip(not math.isfinite(norm))
         return norm
+
+    def _make_step_a_skip(self, skip: bool) -> None:
+        """ZeRO 0: turn the coming engine.step() into a skip that DeepSpeed counts and that holds the LR schedule.
+        fp32 (torch AdamW): AdamW leaves parameters without a gradient alone, and the engine reads
+        `optimizer.overflow` as it does from its own optimizers. bf16 (DeepSpeed's wrapper): the wrapper turns a
+        missing gradient into zeros, which Adam's momentum would still apply, so it gets non-finite gradients
+        instead and its own overflow check skips the step on every rank."""
+        plain_torch = isinstance(self.engine.optimizer, torch.optim.Optimizer)
+        if plain_torch:
+            self.engine.optimizer.overflow = skip
+        for param in self.engine.module.parameters() if skip else ():
+            if plain_torch:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.fill_(float("nan"))
 
     def _quality(self, nats: float) -> dict:
         if self.meta["tokenizer"]["kind"] == "byte":

@@ -174,6 +174,47 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert f"saved a checkpoint at step {last}" in output
 
 
+def saved_tensors(tag_dir: Path) -> dict[str, object]:
+    """Every tensor of a checkpoint's model and optimizer files, by file and key."""
+    import torch
+
+    found = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+
+    for path in sorted(tag_dir.glob("*.pt")):
+        if not path.name.startswith("rng_"):
+            walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
+    return found
+
+
+@pytest.mark.parametrize("precision, zero", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
+def test_a_skipped_step_changes_no_weight_and_holds_the_lr(tmp_path, precision, zero):
+    """The step-3 checkpoint (after a non-finite step 3) holds exactly the step-2 weights and Adam state."""
+    import torch
+
+    run = tmp_path / "run"
+    result = competesmoe("train", TINY, f"output_dir={run}", *SMALL, "train.max_steps=4", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=4", f"train.precision={precision}", f"train.zero_stage={zero}",
+                         env={"COMPETESMOE_FAULT_NAN_STEPS": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = {r["step"]: r for r in records(run, "train")}
+    assert [s for s, r in train.items() if r["skipped"]] == [3]
+    assert train[2]["lr"] == train[3]["lr"] < train[4]["lr"], "a skipped step holds the LR schedule"
+    before, after = (saved_tensors(run / "checkpoints" / f"step{s:08d}") for s in (2, 3))
+    assert before.keys() == after.keys() and len(before) > 10
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed[:5]
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     run = tmp_path / "skip"
     result = competesmoe("train", TINY, f"output_dir={run}", *SMALL, "train.max_steps=6",
