@@ -42,17 +42,12 @@ options to a parser, `run(args)` runs what was parsed, `main(argv)` does both.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import pickle
 import platform
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from types import SimpleNamespace
 
 TARGET_SPEEDUP = 1.5
@@ -141,9 +136,11 @@ def run(args: argparse.Namespace) -> int:
     opts = _options(args)
     _validate(opts)
     t0, load_before = time.monotonic(), _loadavg()
+    from competesmoe.parallel.ranks import RankFailed, RankTimeout
+
     try:
         results = _spawn(opts)
-    except BenchFailed as err:
+    except (RankFailed, RankTimeout) as err:
         print(f"competesmoe bench: failed: {err}", file=sys.stderr)
         return 1
     print(_report(opts, results, time.monotonic() - t0, (load_before, _loadavg())), flush=True)
@@ -173,70 +170,17 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ spawning
 
 
-class BenchFailed(RuntimeError):
-    """A rank raised or died, or the ranks outlived --timeout."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(opts: SimpleNamespace) -> list[dict]:
-    import torch.multiprocessing as mp
+    from competesmoe.parallel.ranks import run_on_ranks
 
-    # Children inherit these: one OpenMP thread per rank (oversubscription made steps 2-3x slower),
-    # DeepSpeed's CPU accelerator without its warning.
-    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
-    os.environ["OMP_NUM_THREADS"] = str(opts.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-moe-") as out_dir:
-        try:
-            context = mp.start_processes(_rank_main, args=(opts.nproc, port, opts, out_dir), nprocs=opts.nproc,
-                                         join=False, start_method="spawn")
-        finally:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        deadline = time.monotonic() + opts.timeout
-        try:
-            while not context.join(timeout=1.0, grace_period=2.0):
-                if time.monotonic() > deadline:
-                    raise BenchFailed(f"benchmark ranks still running after {opts.timeout:.0f} s")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-            raise BenchFailed(str(err).strip()) from None
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        results = []
-        for rank in range(opts.nproc):
-            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as fh:
-                results.append(pickle.load(fh))
-        return results
+    # DeepSpeed's CPU accelerator, without its warning.
+    return run_on_ranks(_bench_rank, opts.nproc, args=(opts,), timeout=opts.timeout, threads=opts.threads,
+                        env={"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
 
 
-def _rank_main(rank: int, world: int, port: int, opts: SimpleNamespace, out_dir: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(opts.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=max(opts.timeout, 60)))
-    try:
-        _init_deepspeed_comm()
-        result = _RankBench(rank, world, opts).run()
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
-            pickle.dump(result, fh)
-    except Exception:
-        raise RuntimeError(f"rank {rank} of {world} failed:\n{traceback.format_exc()}") from None
-    finally:
-        dist.destroy_process_group()
+def _bench_rank(rank: int, world: int, opts: SimpleNamespace) -> dict:
+    _init_deepspeed_comm()
+    return _RankBench(rank, world, opts).run()
 
 
 def _init_deepspeed_comm() -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from competesmoe.launcher.errors import UserError
+from competesmoe.parallel.ranks import free_port
 
 TRAIN_MODULE = "competesmoe.launcher.cli"
 DEFAULT_MULTINODE_PORT = 29500
@@ -153,7 +154,7 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
                             f"has different slots per host")
         nproc = opts.nproc or (next(iter(hosts.values())) if hosts else 2)
         if nnodes == 1 and opts.master_addr is None:
-            return Plan("torchrun-local", launch_command("torchrun", nproc, opts.master_port or _free_port(),
+            return Plan("torchrun-local", launch_command("torchrun", nproc, opts.master_port or free_port(),
                                                          train_args), env, world_size=nproc,
                         listen_port=opts.master_port)
         master = opts.master_addr or (next(iter(hosts)) if hosts else None)
@@ -186,7 +187,7 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
     if not hosts and nnodes == 1 and not no_ssh:
         nproc = opts.nproc or 2
         master = opts.master_addr or "127.0.0.1"
-        command = launch_command("deepspeed", nproc, opts.master_port or _free_port(), train_args)
+        command = launch_command("deepspeed", nproc, opts.master_port or free_port(), train_args)
         command[command.index("--master_addr") + 1] = master
         return Plan("local", command, env, world_size=nproc, listen_port=opts.master_port)
     port = opts.master_port or DEFAULT_MULTINODE_PORT
@@ -363,12 +364,6 @@ def launch(opts: LaunchOptions, train_args: list[str], validate=None) -> int:
     """Plan, check (`validate(world_size)`, then the network unless --dry-run), print, run; the exit code."""
     with tempfile.TemporaryDirectory(prefix="competesmoe-launch-") as workdir:
         return run_plan(plan(opts, train_args, workdir), opts, validate)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bracket(host: str) -> str:

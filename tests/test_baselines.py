@@ -18,7 +18,7 @@ from competesmoe.moe.baselines import RoutingContext
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
 
-from distributed import run_on_ranks
+from competesmoe.parallel.ranks import run_on_ranks
 
 D = 12
 V = 20

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import tempfile
 
 import pytest
@@ -15,6 +14,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from competesmoe.parallel.ranks import free_port
 
 D, FH, E, C = 4, 3, 4, 2  # d_model, expert hidden, global experts, tokens per (rank, expert)
 T = E * C  # tokens per rank
@@ -291,16 +292,10 @@ def reference_from(saved_local, world, rank, g, e_local, step):
     return local_slice(model.state_dict(), g.ep_rank, e_local)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
 def test_deepspeed_engine_matches_ep1(world, ep):
     with tempfile.TemporaryDirectory() as tmpdir:
-        mp.spawn(_worker, args=(world, ep, _free_port(), tmpdir), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, ep, free_port(), tmpdir), nprocs=world, join=True)
 
 
 def test_load_expert_state_reshards(tmp_path):

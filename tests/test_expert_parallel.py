@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed import RankFailed, RankTimeout, run_on_ranks
+from competesmoe.parallel.ranks import RankFailed, RankTimeout, run_on_ranks
 
 from competesmoe.launcher.config import CompetitionConfig, MoEConfig
 from competesmoe.moe.dispatch import weighted_scatter

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from competesmoe.launcher.metrics import MetricsWriter, expert_load_heatmap
+from competesmoe.parallel.ranks import free_port
 from test_train import ROOT
 
 EXPERTS, STEPS = 8, 12
@@ -40,12 +41,6 @@ def write_run(run_dir, collapse: bool) -> list[float]:
         writer.write({"step": step, "split": "train", "loss": loss, "lr": 1e-3}, [layer, layer])
     writer.close()
     return losses
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(port: int, path: str, **query) -> bytes:
