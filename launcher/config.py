@@ -189,6 +189,10 @@ class ParallelConfig:
     """auto = cuda when available, else cpu."""
     threads_per_rank: int = 1
     """Intra-op threads per rank (torch.set_num_threads)."""
+    activation_checkpointing: Literal["none", "experts", "full"] = "none"
+    """Recompute activations in backward instead of keeping them: 'experts' the experts' hidden layers, one
+    expert at a time (the largest activations of an MoE model, above all on competition steps; costs one extra
+    input projection), 'full' every transformer block (the least memory, about one extra forward)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class GroupedExperts(nn.Module):
@@ -19,6 +20,9 @@ class GroupedExperts(nn.Module):
 
     `forward` runs tokens already sorted by expert with one matrix product per expert and layer
     (no loop over tokens); `forward_all` lets every expert answer every token (competition).
+
+    `recompute_hidden` (set by the parallelize step's activation checkpointing) keeps no hidden layer for
+    backward: each expert's is recomputed there, one expert at a time, so at most one is alive.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu"):
@@ -27,6 +31,7 @@ class GroupedExperts(nn.Module):
         in_width = 2 * hidden if activation == "swiglu" else hidden
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.recompute_hidden = False
         self.reset_parameters()
 
     @property
@@ -44,12 +49,20 @@ class GroupedExperts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h)
 
+    def _expert(self, x_nD: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
+        return self._act(x_nD @ w_in_DF) @ w_out_FD
+
+    def _run_expert(self, x_nD: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
+        if self.recompute_hidden and torch.is_grad_enabled():
+            return checkpoint(self._expert, x_nD, w_in_DF, w_out_FD, use_reentrant=False)
+        return self._expert(x_nD, w_in_DF, w_out_FD)
+
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_ND holds counts[e] consecutive tokens for expert e; returns their outputs in the same order."""
         # split/unbind rather than slicing per expert: slicing makes backward zero-fill and sum one
         # full-size gradient per expert (17% of a step in a profile); this gives identical numbers.
         w_in, w_out = self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0)
-        outputs = [self._act(x_nD @ w_in_DF) @ w_out_FD
+        outputs = [self._run_expert(x_nD, w_in_DF, w_out_FD)
                    for x_nD, w_in_DF, w_out_FD, n in zip(x_ND.split(list(counts)), w_in, w_out, counts) if n]
         if not outputs:
             # No tokens here: keep every parameter in the graph so backward reaches it with zeros.
@@ -58,6 +71,9 @@ class GroupedExperts(nn.Module):
 
     def forward_all(self, x_GD: torch.Tensor) -> torch.Tensor:
         """Every expert on every token: returns o_EGD."""
+        if self.recompute_hidden and torch.is_grad_enabled():
+            return torch.stack([self._run_expert(x_GD, w_in_DF, w_out_FD)
+                                for w_in_DF, w_out_FD in zip(self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0))])
         h_EGF = torch.matmul(x_GD.unsqueeze(0), self.w_in_EDF)
         return torch.matmul(self._act(h_EGF), self.w_out_EFD)
 

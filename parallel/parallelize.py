@@ -1,14 +1,15 @@
 """The parallelize step: turns the single-process model into its distributed form.
 
 The model is built whole (every rank the same weights from the same seed); this step then
-applies expert parallelism: shard each MoE layer's experts and swap in the all-to-all transport.
-ZeRO and the expert-data-parallel gradient reduction come next, from the DeepSpeed engine
-(`deepspeed_moe.make_engine`).
+applies expert parallelism (shard each MoE layer's experts and swap in the all-to-all transport) and
+activation checkpointing. ZeRO and the expert-data-parallel gradient reduction come next, from the
+DeepSpeed engine (`deepspeed_moe.make_engine`).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed._composable import checkpoint
 
 from competesmoe.launcher.config import Config
 from competesmoe.moe.model import TransformerLM
@@ -18,6 +19,7 @@ from competesmoe.parallel.groups import ParallelGroups
 def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> TransformerLM:
     if groups.ep_size > 1:
         apply_expert_parallel(model, cfg, groups)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     return model
 
 
@@ -32,3 +34,21 @@ def apply_expert_parallel(model: TransformerLM, cfg: Config, groups: ParallelGro
         experts.w_in_EDF = nn.Parameter(experts.w_in_EDF.detach()[first:first + local].clone())
         experts.w_out_EFD = nn.Parameter(experts.w_out_EFD.detach()[first:first + local].clone())
         layer.dispatcher = AllToAllDispatcher(layer.num_experts, groups, cfg.moe.competition.gather)
+
+
+def apply_activation_checkpointing(model: TransformerLM, mode: str) -> None:
+    """Recompute in backward what forward would keep ('none' | 'experts' | 'full', see ParallelConfig).
+
+    'experts': each expert's hidden layer is recomputed one expert at a time (GroupedExperts.recompute_hidden),
+    on router and competition steps; no collective is inside. 'full': torch's composable checkpoint
+    (non-reentrant, RNG replayed) on every block, hooked in place so parameter names, DeepSpeed's parameter
+    groups and checkpoints are unchanged; it recomputes the block's whole forward (early_stop off), so every
+    rank re-enters all of the block's collectives in the same order, even where its own saved tensors would
+    have been complete sooner.
+    """
+    if mode == "full":
+        for block in model.blocks:
+            checkpoint(block, early_stop=False)
+    elif mode == "experts":
+        for layer in model.moe_layers:
+            layer.experts.recompute_hidden = True

@@ -34,7 +34,8 @@ def world2_ep1(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("extra", [[], ["moe.competition.gather=outputs"], ["train.zero_stage=0"],
-                                   ["train.zero_stage=2"]], ids=["zero1", "literal-output-gather", "zero0", "zero2"])
+                                   ["train.zero_stage=2"], ["parallel.activation_checkpointing=full"]],
+                         ids=["zero1", "literal-output-gather", "zero0", "zero2", "recompute-blocks"])
 def test_world2_ep2_equals_ep1(tmp_path, world2_ep1, extra):
     assert_same_curve(world2_ep1, run_losses(tmp_path, 2, 2, *extra))
 
