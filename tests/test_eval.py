@@ -19,8 +19,6 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_l
          "train.eval_batches=2", "train.micro_batch_size=4", "train.checkpoint_every=0"]
 
 
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny trained run on a small corpus of our own (a .bz2, to exercise decompression)."""
@@ -95,6 +93,28 @@ def test_eval_cli_equals_an_independent_loop_on_unseen_text(run_dir, tmp_path):
     assert got["loss"] == pytest.approx(want, rel=1e-5)
     assert got["bpc"] == pytest.approx(want / math.log(2), rel=1e-5)
     assert 0 < got["bpc"] < 9
+
+
+def test_eval_of_a_sentencepiece_run_reports_perplexity(tmp_path):
+    """A subword run: the file is encoded with the run's own sentencepiece model, ppl = exp(loss/token), and
+    bits per byte counts the same nats over the file's bytes."""
+    from competesmoe.data.tokenizer import load_tokenizer
+    from competesmoe.launcher.evaluate import load_run
+
+    run = tmp_path / "sp"
+    result = competesmoe("train", TINY, *SMALL, "moe.router=smoe", "data.tokenizer=sentencepiece",
+                         "data.vocab_size=1000", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_bytes((ROOT / "moe" / "routing.py").read_bytes()[:3000])
+    got = eval_json(str(run), "--text", str(unseen))
+    tokens = load_tokenizer(load_run(run).data_dir).encode(unseen.read_bytes())
+    assert 100 < len(tokens) < 3000  # subwords: fewer tokens than bytes
+    want, count = reference_loss(run, np.asarray(tokens, dtype=np.int64))
+    assert got["tokens"] == len(tokens) and got["predicted"] == count == len(tokens) - 1
+    assert got["loss"] == pytest.approx(want, rel=1e-5) and "bpc" not in got
+    assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(want * count / math.log(2) / 3000, rel=1e-5)
 
 
 def test_eval_top_k_override_and_checkpoint_folder(run_dir, tmp_path):
