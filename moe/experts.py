@@ -2,7 +2,8 @@
 
 Shape legend:
   T tokens, D d_model, F expert hidden width, E experts held here (all, or a rank's local slice),
-  N tokens routed to the experts here, sorted by expert, G tokens that every expert answers.
+  N tokens routed to the experts here, sorted by expert, n one expert's share of them,
+  G tokens that every expert answers.
 """
 
 from __future__ import annotations
