@@ -301,9 +301,9 @@ class Trainer:
 
     @property
     def reshardable(self) -> bool:
-        """Adam moments are saved by name (and can follow the experts to another layout) at ZeRO 0 in fp32,
-        where the optimizer is our own torch AdamW; ZeRO 1/2 and bf16 keep DeepSpeed's flat partitions."""
-        return self.cfg.train.zero_stage == 0 and self.cfg.train.precision == "fp32"
+        """Adam state is saved by name (and can follow the experts to another layout) at ZeRO 1/2 and at ZeRO 0
+        in fp32; bf16 at ZeRO 0 runs DeepSpeed's FP16_UnfusedOptimizer, whose state has no per-name access."""
+        return self.cfg.train.zero_stage > 0 or self.cfg.train.precision == "fp32"
 
     def _refuse_nonfinite_weights(self) -> None:
         bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in self.engine.module.parameters()))])
@@ -312,20 +312,16 @@ class Trainer:
             raise UserError(f"refusing to save a checkpoint with non-finite weights at step {self.step}; "
                             f"the last good checkpoint is kept")
 
-    def _named_adam_state(self) -> dict[str, dict]:
-        by_param = self.optimizer.state
-        return {name: by_param[p] for name, p in self.engine.module.named_parameters() if p in by_param}
-
     def _save_named_optimizer_state(self, tag_dir: Path) -> None:
-        """ZeRO 0: Adam moments by parameter name (experts sliced per EP rank) so a resume at another
-        EP or world size can rebuild them; DeepSpeed's own optimizer file is tied to the layout."""
-        state = self._named_adam_state()
+        """Adam state by parameter name (experts sliced per EP rank) so a resume at another EP or world size
+        can rebuild it; DeepSpeed's own optimizer files are tied to the layout."""
+        state = deepspeed_moe.named_optimizer_state(self.engine)
         dense = {n: s for n, s in state.items() if not deepspeed_moe.is_moe_param(self._param(n))}
         if self.groups.rank == 0:
             torch.save(dense, tag_dir / "optim_dense.pt")
         if self.has_experts:
-            moments = {f"{n}:{k}": s[k] for n, s in state.items() if n not in dense for k in ("exp_avg", "exp_avg_sq")}
-            deepspeed_moe.write_expert_slices(self.engine.module, str(tag_dir), "optim_experts", moments)
+            tensors = {f"{n}:{k}": v for n, s in state.items() if n not in dense for k, v in s.items() if k != "step"}
+            deepspeed_moe.write_expert_slices(self.engine.module, str(tag_dir), "optim_experts", tensors)
 
     def _param(self, name: str) -> torch.nn.Parameter:
         return dict(self.engine.module.named_parameters())[name]
@@ -334,19 +330,17 @@ class Trainer:
         dense = torch.load(tag_dir / "optim_dense.pt", weights_only=False)
         params = dict(self.engine.module.named_parameters())
         expert_names = [n for n, p in params.items() if deepspeed_moe.is_moe_param(p)]
-        moments = {}
+        state = dict(dense)
         if expert_names:
             local = self.cfg.moe.num_experts // self.groups.ep_size
-            keys = [f"{n}:{k}" for n in expert_names for k in ("exp_avg", "exp_avg_sq")]
-            moments = deepspeed_moe.load_expert_state(str(tag_dir), keys, self.groups.ep_rank * local, local,
+            kinds = [k for k in next(iter(dense.values())) if k != "step"]  # the moments (+ fp32 under ZeRO)
+            keys = [f"{n}:{k}" for n in expert_names for k in kinds]
+            tensors = deepspeed_moe.load_expert_state(str(tag_dir), keys, self.groups.ep_rank * local, local,
                                                       prefix="optim_experts")
-        step = next(iter(dense.values()))["step"]
-        for name, param in params.items():
-            if name in dense:
-                self.optimizer.state[param] = dense[name]
-            else:
-                self.optimizer.state[param] = {"step": step.clone(), "exp_avg": moments[f"{name}:exp_avg"],
-                                               "exp_avg_sq": moments[f"{name}:exp_avg_sq"]}
+            step = next(iter(dense.values()))["step"]
+            for name in expert_names:
+                state[name] = {"step": step.clone(), **{k: tensors[f"{name}:{k}"] for k in kinds}}
+        deepspeed_moe.load_named_optimizer_state(self.engine, state)
         # The groups' lr lives in the optimizer state DeepSpeed did not load; the restored scheduler knows it.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
@@ -365,13 +359,15 @@ class Trainer:
                                     f"a resumed run keeps the model shape")
 
     def load_checkpoint(self, tag_dir: Path, saved: dict) -> None:
-        """Resume from a verified checkpoint; a different world or EP size reshards (ZeRO 0)."""
+        """Resume from a verified checkpoint; a different world or EP size reshards (see `reshardable`)."""
         self.check_compatible(saved, tag_dir)
         same_layout = (saved["world_size"], saved["ep_size"]) == (self.groups.world_size, self.groups.ep_size)
-        if not same_layout and not (saved.get("reshardable") and self.reshardable):
+        same_kind = (saved["zero_stage"] > 0) == (self.cfg.train.zero_stage > 0)  # the named state's format
+        if not same_layout and not (saved.get("reshardable") and self.reshardable and same_kind):
             raise UserError(f"checkpoint {tag_dir} was saved on {saved['world_size']} ranks at EP {saved['ep_size']}; "
-                            f"resharding to {self.groups.world_size} ranks at EP {self.groups.ep_size} is supported "
-                            f"for train.zero_stage=0 with train.precision=fp32 only; resume on the same layout")
+                            f"resharding to {self.groups.world_size} ranks at EP {self.groups.ep_size} needs a "
+                            f"checkpoint saved at train.zero_stage 1/2 (resumed at 1/2), or at 0 with "
+                            f"train.precision=fp32 (resumed so); otherwise resume on the same layout")
         load = deepspeed_moe.load_checkpoint if self.has_experts else type(self.engine).load_checkpoint
         _, client_state = load(self.engine, str(tag_dir.parent), tag=tag_dir.name,
                                load_optimizer_states=same_layout)

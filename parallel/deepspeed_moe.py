@@ -412,3 +412,70 @@ def load_checkpoint(engine, load_dir: str, tag=None, **kwargs):
         dst.load_state_dict(state, strict=strict)
 
     return engine.load_checkpoint(load_dir, tag=tag, custom_load_fn=custom_load_fn, **kwargs)
+
+
+# --------------------------------------------------------------------------- optimizer state by name
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def named_optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Each trained parameter's Adam state by name, whole (this rank's experts only), whatever holds it:
+    ZeRO 0 fp32 reads torch AdamW's own state; ZeRO 1/2 (fp32 or bf16) gathers the partitions with DeepSpeed's
+    safe_get_full_* and adds the fp32 master weight ('fp32'). Collective under ZeRO 1/2 (same order everywhere).
+    This is what a resume at another world or EP size rebuilds the optimizer from."""
+    if not engine.zero_optimization():
+        state = engine.optimizer.state
+        return {n: dict(state[p]) for n, p in engine.module.named_parameters() if p in state}
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_zero_adam_state(engine)
+    step = _zero_adam_step(engine)
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        out[name] = {"step": step.clone(), "fp32": safe_get_full_fp32_param(param),
+                     **{k: safe_get_full_optimizer_state(param, k) for k in ADAM_MOMENTS}}
+    return out
+
+
+def load_named_optimizer_state(engine, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put `named_optimizer_state`'s output (rebuilt for this rank's layout) back into the optimizer."""
+    if not engine.zero_optimization():
+        for name, param in engine.module.named_parameters():
+            if name in state:
+                engine.optimizer.state[param] = state[name]
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _link_zero_adam_state(engine)
+    for name, param in engine.module.named_parameters():
+        if name not in state:
+            continue
+        safe_set_full_fp32_param(param, state[name]["fp32"])
+        for key in ADAM_MOMENTS:
+            safe_set_full_optimizer_state(param, state[name][key], key)
+    step = next(iter(state.values()))["step"]
+    for flat_state in engine.optimizer.optimizer.state.values():
+        flat_state["step"] = step.clone().to(flat_state["step"].device)
+
+
+def _link_zero_adam_state(engine) -> None:
+    """Give every flat partition Adam state and link each parameter's view into it. DeepSpeed links the views
+    once, after the first step, and only to the partitions torch AdamW had made state for by then (those with a
+    gradient on that step), and a fresh engine has none at all. Zero state is what AdamW starts from."""
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            inner.state.setdefault(flat, {"step": torch.zeros((), dtype=torch.float32),
+                                          **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}})
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _zero_adam_step(engine) -> torch.Tensor:
+    """The Adam step count ZeRO's inner optimizer holds (the same for every flat partition)."""
+    steps = [s["step"] for s in engine.optimizer.optimizer.state.values() if "step" in s]
+    return torch.as_tensor(steps[0]).detach().cpu().clone()

@@ -17,6 +17,9 @@ from test_ep_training import SMALL
 from test_train import ROOT, TINY, competesmoe, records
 
 STEPS = ["train.max_steps=16", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
+BF16_TOLERANCE = 5e-3
+"""bf16 rounds differently once tokens are regrouped over ranks: 1.2e-3 at worst when measured; continuing
+without the restored Adam state is off by about 0.1."""
 
 
 def launch_args(run: Path, nproc: int, ep: int, *extra: str) -> list[str]:
@@ -104,27 +107,60 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, uninterrupted):
     assert min(r["step"] for r in records(run, "train")) == 13  # continued from step 12
 
 
-LINEAR_AUX = ["moe.balance_coef=0", "moe.competition.balance_coef=0", "train.zero_stage=0"]
+LINEAR_AUX = ["moe.balance_coef=0", "moe.competition.balance_coef=0"]
 """Every remaining loss term is a mean over tokens, so regrouping tokens over ranks changes only rounding."""
+OPTIMIZERS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
+              "zero2-bf16": ["train.zero_stage=2", "train.precision=bf16"]}
+"""ZeRO 0 keeps torch AdamW's state; ZeRO 1/2 DeepSpeed's flat partitions, read and written by name."""
 
 
-@pytest.mark.parametrize("world,ep,micro", [(1, 1, 8), (4, 4, 2)])
-def test_reshard_ep2_checkpoint(tmp_path, world, ep, micro):
-    base = tmp_path / "base"
-    result = competesmoe(*launch_args(base, 2, 2, *LINEAR_AUX), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = {r["step"]: r["loss"] for r in records(base, "train")}
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory):
+    """The EP-2, 2-rank run of each optimizer setting, made once: name -> (run dir, losses by step)."""
+    made = {}
+
+    def get(name: str) -> tuple[Path, dict[int, float]]:
+        if name not in made:
+            base = tmp_path_factory.mktemp(name) / "base"
+            result = competesmoe(*launch_args(base, 2, 2, *LINEAR_AUX, *OPTIMIZERS[name]), timeout=900)
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[name] = base, {r["step"]: r["loss"] for r in records(base, "train")}
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("optimizer, world, ep, micro, tolerance", [
+    ("zero0", 1, 1, 8, 1e-4), ("zero0", 4, 4, 2, 1e-4), ("zero1", 1, 1, 8, 1e-4), ("zero1", 4, 4, 2, 1e-4),
+    ("zero2-bf16", 4, 4, 2, BF16_TOLERANCE)])
+def test_reshard_ep2_checkpoint(tmp_path, ep2_runs, optimizer, world, ep, micro, tolerance):
+    base, reference = ep2_runs(optimizer)
     run = tmp_path / "resharded"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(base / "checkpoints" / "step00000008", run / "checkpoints" / "step00000008")
     result = competesmoe("launch", "--nproc", str(world), "--launcher", "torchrun", TINY, f"output_dir={run}",
-                         f"parallel.expert_parallel_size={ep}", *SMALL, *STEPS, *LINEAR_AUX,
+                         f"parallel.expert_parallel_size={ep}", *SMALL, *STEPS, *LINEAR_AUX, *OPTIMIZERS[optimizer],
                          f"train.micro_batch_size={micro}", "resume=auto", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     continued = {r["step"]: r["loss"] for r in records(run, "train")}
     assert sorted(continued) == list(range(9, 17))
     worst = max(abs(continued[s] - reference[s]) for s in continued)
-    assert worst < 1e-4, worst
+    assert worst < tolerance, worst
+
+
+def test_resharding_across_optimizer_kinds_is_refused_in_one_line(tmp_path, ep2_runs):
+    """A ZeRO-1 checkpoint holds ZeRO's named state (with fp32 masters); resuming it elsewhere at ZeRO 0 is
+    refused before anything is written, naming what works."""
+    base, _ = ep2_runs("zero1")
+    run = tmp_path / "elsewhere"
+    shutil.copytree(base / "checkpoints" / "step00000008", run / "checkpoints" / "step00000008")
+    before = sorted((p.name, p.stat().st_size) for p in (run / "checkpoints").rglob("*"))
+    result = competesmoe("train", TINY, f"output_dir={run}", *SMALL, *STEPS, *LINEAR_AUX, "train.zero_stage=0",
+                         "train.micro_batch_size=8", "resume=auto")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "saved on 2 ranks at EP 2" in errors[0] and "train.zero_stage" in errors[0], errors
+    assert sorted((p.name, p.stat().st_size) for p in (run / "checkpoints").rglob("*")) == before
 
 
 def rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
