@@ -252,7 +252,7 @@ class Trainer:
     def run_state(self) -> dict:
         """What a resume must check before touching tensors: layout, tokenizer, shapes."""
         return {"step": self.step, "world_size": self.groups.world_size, "ep_size": self.groups.ep_size,
-                "zero_stage": self.cfg.train.zero_stage, "reshardable": self.reshardable,
+                "zero_stage": self.cfg.train.zero_stage, "optimizer_kind": self.optimizer_kind,
                 "tokenizer": self.meta["tokenizer"],
                 "config": to_dict(self.cfg)}
 
@@ -290,8 +290,7 @@ class Trainer:
                                           save_latest=False)
         else:
             self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-        if self.reshardable:
-            self._save_named_optimizer_state(staging / tag)
+        self._save_named_optimizer_state(staging / tag)
         torch.save(self.rng_state(), staging / tag / f"rng_rank{self.groups.rank:05d}.pt")
         dist.barrier()
         if self.groups.rank == 0:
@@ -300,10 +299,11 @@ class Trainer:
         return tag
 
     @property
-    def reshardable(self) -> bool:
-        """Adam state is saved by name (and can follow the experts to another layout) at ZeRO 1/2 and at ZeRO 0
-        in fp32; bf16 at ZeRO 0 runs DeepSpeed's FP16_UnfusedOptimizer, whose state has no per-name access."""
-        return self.cfg.train.zero_stage > 0 or self.cfg.train.precision == "fp32"
+    def optimizer_kind(self) -> str:
+        """What holds the Adam state, which decides the format of the state saved by name: ZeRO 1 and 2 share
+        one (DeepSpeed's partitions, fp32 masters), ZeRO 0 has one per precision."""
+        t = self.cfg.train
+        return "zero-partitions" if t.zero_stage > 0 else f"zero0-{t.precision}"
 
     def _refuse_nonfinite_weights(self) -> None:
         bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in self.engine.module.parameters()))])
@@ -359,15 +359,15 @@ class Trainer:
                                     f"a resumed run keeps the model shape")
 
     def load_checkpoint(self, tag_dir: Path, saved: dict) -> None:
-        """Resume from a verified checkpoint; a different world or EP size reshards (see `reshardable`)."""
+        """Resume from a verified checkpoint; a different world or EP size reshards (see `optimizer_kind`)."""
         self.check_compatible(saved, tag_dir)
         same_layout = (saved["world_size"], saved["ep_size"]) == (self.groups.world_size, self.groups.ep_size)
-        same_kind = (saved["zero_stage"] > 0) == (self.cfg.train.zero_stage > 0)  # the named state's format
-        if not same_layout and not (saved.get("reshardable") and self.reshardable and same_kind):
-            raise UserError(f"checkpoint {tag_dir} was saved on {saved['world_size']} ranks at EP {saved['ep_size']}; "
-                            f"resharding to {self.groups.world_size} ranks at EP {self.groups.ep_size} needs a "
-                            f"checkpoint saved at train.zero_stage 1/2 (resumed at 1/2), or at 0 with "
-                            f"train.precision=fp32 (resumed so); otherwise resume on the same layout")
+        if not same_layout and saved.get("optimizer_kind") != self.optimizer_kind:
+            was = saved["config"]["train"]
+            raise UserError(f"checkpoint {tag_dir} was saved on {saved['world_size']} ranks at EP {saved['ep_size']} "
+                            f"with train.zero_stage={was['zero_stage']} train.precision={was['precision']}; to "
+                            f"reshard it to {self.groups.world_size} ranks at EP {self.groups.ep_size} resume with "
+                            f"the same optimizer setup (ZeRO 1 and 2 mix), or resume on the same layout")
         load = deepspeed_moe.load_checkpoint if self.has_experts else type(self.engine).load_checkpoint
         _, client_state = load(self.engine, str(tag_dir.parent), tag=tag_dir.name,
                                load_optimizer_states=same_layout)

@@ -422,12 +422,17 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def named_optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:
     """Each trained parameter's Adam state by name, whole (this rank's experts only), whatever holds it:
-    ZeRO 0 fp32 reads torch AdamW's own state; ZeRO 1/2 (fp32 or bf16) gathers the partitions with DeepSpeed's
-    safe_get_full_* and adds the fp32 master weight ('fp32'). Collective under ZeRO 1/2 (same order everywhere).
+    ZeRO 0 fp32 reads torch AdamW's own state; ZeRO 0 bf16 DeepSpeed's wrapper's fp32 masters ('fp32') and the
+    state its AdamW keeps for them; ZeRO 1/2 (fp32 or bf16) gathers the partitions with DeepSpeed's
+    safe_get_full_* (moments and 'fp32'). Collective under ZeRO 1/2 (same order everywhere).
     This is what a resume at another world or EP size rebuilds the optimizer from."""
     if not engine.zero_optimization():
-        state = engine.optimizer.state
-        return {n: dict(state[p]) for n, p in engine.module.named_parameters() if p in state}
+        if isinstance(engine.optimizer, torch.optim.Optimizer):
+            state = engine.optimizer.state
+            return {n: dict(state[p]) for n, p in engine.module.named_parameters() if p in state}
+        masters, state = _fp32_masters(engine), engine.optimizer.optimizer.state
+        return {n: {**state[masters[p]], "fp32": masters[p].detach().clone()}
+                for n, p in engine.module.named_parameters() if p in masters and masters[p] in state}
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     _link_zero_adam_state(engine)
@@ -444,9 +449,16 @@ def named_optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:
 def load_named_optimizer_state(engine, state: dict[str, dict[str, torch.Tensor]]) -> None:
     """Put `named_optimizer_state`'s output (rebuilt for this rank's layout) back into the optimizer."""
     if not engine.zero_optimization():
+        plain = isinstance(engine.optimizer, torch.optim.Optimizer)
+        masters = {} if plain else _fp32_masters(engine)
         for name, param in engine.module.named_parameters():
-            if name in state:
+            if name not in state:
+                continue
+            if plain:
                 engine.optimizer.state[param] = state[name]
+                continue
+            masters[param].data.copy_(state[name]["fp32"])
+            engine.optimizer.optimizer.state[masters[param]] = {k: state[name][k] for k in ("step", *ADAM_MOMENTS)}
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -460,6 +472,13 @@ def load_named_optimizer_state(engine, state: dict[str, dict[str, torch.Tensor]]
     step = next(iter(state.values()))["step"]
     for flat_state in engine.optimizer.optimizer.state.values():
         flat_state["step"] = step.clone().to(flat_state["step"].device)
+
+
+def _fp32_masters(engine) -> dict[nn.Parameter, torch.Tensor]:
+    """ZeRO 0 in bf16: DeepSpeed's FP16_UnfusedOptimizer keeps an fp32 master per module parameter."""
+    optimizer = engine.optimizer
+    return {low: master for masters, lows in zip(optimizer.fp32_groups, optimizer.fp16_groups)
+            for master, low in zip(masters, lows)}
 
 
 def _link_zero_adam_state(engine) -> None:

@@ -110,8 +110,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, uninterrupted):
 LINEAR_AUX = ["moe.balance_coef=0", "moe.competition.balance_coef=0"]
 """Every remaining loss term is a mean over tokens, so regrouping tokens over ranks changes only rounding."""
 OPTIMIZERS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
+              "zero0-bf16": ["train.zero_stage=0", "train.precision=bf16"],
               "zero2-bf16": ["train.zero_stage=2", "train.precision=bf16"]}
-"""ZeRO 0 keeps torch AdamW's state; ZeRO 1/2 DeepSpeed's flat partitions, read and written by name."""
+"""ZeRO 0 keeps torch AdamW's state (bf16: DeepSpeed's wrapper's fp32 masters and their state); ZeRO 1/2
+DeepSpeed's flat partitions; all are read and written by parameter name."""
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def ep2_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("optimizer, world, ep, micro, tolerance", [
     ("zero0", 1, 1, 8, 1e-4), ("zero0", 4, 4, 2, 1e-4), ("zero1", 1, 1, 8, 1e-4), ("zero1", 4, 4, 2, 1e-4),
-    ("zero2-bf16", 4, 4, 2, BF16_TOLERANCE)])
+    ("zero0-bf16", 1, 1, 8, BF16_TOLERANCE), ("zero2-bf16", 4, 4, 2, BF16_TOLERANCE)])
 def test_reshard_ep2_checkpoint(tmp_path, ep2_runs, optimizer, world, ep, micro, tolerance):
     base, reference = ep2_runs(optimizer)
     run = tmp_path / "resharded"
@@ -159,7 +161,7 @@ def test_resharding_across_optimizer_kinds_is_refused_in_one_line(tmp_path, ep2_
                          "train.micro_batch_size=8", "resume=auto")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "saved on 2 ranks at EP 2" in errors[0] and "train.zero_stage" in errors[0], errors
+    assert len(errors) == 1 and "saved on 2 ranks at EP 2 with train.zero_stage=1 train.precision=fp32" in errors[0]
     assert sorted((p.name, p.stat().st_size) for p in (run / "checkpoints").rglob("*")) == before
 
 
