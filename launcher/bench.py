@@ -360,8 +360,9 @@ class _RankBench:
         return result
 
     @staticmethod
-    def recomputing_twin(cfg, d_model: int, groups, ep: int):
-        """Our layer again (the same seed, so the same weights), with parallel.activation_checkpointing=experts."""
+    def our_layer(cfg, d_model: int, groups, ep: int, activation_checkpointing: str):
+        """Our layer as the parallelize step leaves it in a model: built from one seed (the same weights on every
+        rank, as the model is built), its experts sharded over EP, activation checkpointing applied."""
         import torch
 
         from competesmoe.launcher.config import Config
@@ -375,7 +376,7 @@ class _RankBench:
             config = Config()
             config.moe = cfg
             apply_expert_parallel(model, config, groups)
-        apply_activation_checkpointing(model, "experts")
+        apply_activation_checkpointing(model, activation_checkpointing)
         return layer
 
     def cell(self, ep: int, k: int) -> dict:
@@ -384,37 +385,26 @@ class _RankBench:
         import torch.nn.functional as F
         from torch import nn
 
-        from competesmoe.launcher.config import Config, MoEConfig
-        from competesmoe.moe.layer import MoELayer
+        from competesmoe.launcher.config import MoEConfig
         from competesmoe.parallel.groups import build_groups
 
         o = self.opts
         D, E, H, T = o.d_model, o.experts, o.hidden, o.tokens
         groups = build_groups(ep)
         e_local = E // ep
-        first = groups.ep_rank * e_local
 
-        # Our layer: the same weights on every rank (as the model is built), dropless router step.
-        torch.manual_seed(1234)
+        # Our layer, dropless router step; a twin with the same weights recomputes the experts' hidden layers.
         cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=H, activation="gelu", router="competesmoe",
                         capacity_factor=0.0)
-        ours = MoELayer(cfg, D).train()
-        full_w_in = ours.experts.w_in_EDF.detach().clone()
-        full_w_out = ours.experts.w_out_EFD.detach().clone()
-        gate_w = ours.router.weight_ED.detach().clone()
+        cfg.competition.gather = "scores"
+        ours = self.our_layer(cfg, D, groups, ep, "none")
+        ours_recompute = self.our_layer(cfg, D, groups, ep, "experts")
         dispatchers = {"local": ours.dispatcher}
         if ep > 1:
             from competesmoe.parallel.expert_parallel import AllToAllDispatcher
-            from competesmoe.parallel.parallelize import apply_expert_parallel
 
-            config = Config()
-            config.moe = cfg
-            config.moe.competition.gather = "scores"
-            apply_expert_parallel(SimpleNamespace(moe_layers=[ours]), config, groups)
-            dispatchers = {"scores": ours.dispatcher,
-                           "outputs": AllToAllDispatcher(E, groups, "outputs")}
+            dispatchers = {"scores": ours.dispatcher, "outputs": AllToAllDispatcher(E, groups, "outputs")}
         router_dispatcher = next(iter(dispatchers.values()))
-        ours_recompute = self.recomputing_twin(cfg, D, groups, ep)
 
         # DeepSpeed's layer with the same gate and experts (its local experts are global
         # [ep_rank * e, (ep_rank + 1) * e), as ours).
@@ -428,10 +418,10 @@ class _RankBench:
                  noisy_gate_policy=None, top2_2nd_expert_sampling=False).train()
         ds.set_deepspeed_parallelism()
         with torch.no_grad():
-            ds.deepspeed_moe.gate.wg.weight.copy_(gate_w)
+            ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight_ED)
             for j, mod in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-                mod[0].weight.copy_(full_w_in[first + j].t())
-                mod[2].weight.copy_(full_w_out[first + j].t())
+                mod[0].weight.copy_(ours.experts.w_in_EDF[j].t())
+                mod[2].weight.copy_(ours.experts.w_out_EFD[j].t())
 
         gen = torch.Generator().manual_seed(100 + self.rank)
         x = torch.randn(1, T, D, generator=gen).requires_grad_(True)
