@@ -13,7 +13,6 @@ can resume with a different dp_size as long as B * dp_size stays the same.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -21,8 +20,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from competesmoe.data.tokenizer import META_FILE
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.data.meta import corpus_name
 
 
 def indexed_dataset_module():
@@ -32,25 +31,6 @@ def indexed_dataset_module():
         warnings.filterwarnings("ignore", message=".*Apex.*")
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
-
-
-def load_meta(prefix_dir: str | Path) -> dict:
-    """The meta.json that prepare wrote into prefix_dir."""
-    path = Path(prefix_dir) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: {prefix_dir} is not a finished data preparation; "
-                        f"run the prepare step first (data.prepared_dir)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path} is unreadable or not JSON; delete {prefix_dir} and prepare again") from None
-
-
-def _corpus_name(prefix_dir: Path) -> str:
-    try:
-        return Path(json.loads((prefix_dir / META_FILE).read_text())["source"]["path"]).name
-    except (OSError, ValueError, KeyError, TypeError):
-        return str(prefix_dir)
 
 
 class _Split:
@@ -130,7 +110,7 @@ class TrainSampler:
         self.num_windows = self._split.n_windows
         if self.num_windows < self.global_batch:
             raise UserError(
-                f"the {split} split of corpus {_corpus_name(self._split.prefix_dir)} has {self._split.n_tokens} tokens = "
+                f"the {split} split of corpus {corpus_name(self._split.prefix_dir)} has {self._split.n_tokens} tokens = "
                 f"{self.num_windows} windows of model.seq_len+1 = {seq_len + 1}, fewer than one global micro-batch "
                 f"(train.micro_batch_size {micro_batch_size} x {dp_size} data-parallel ranks); lower "
                 f"train.micro_batch_size or model.seq_len, or use a larger corpus (data.path)")
@@ -196,7 +176,7 @@ def eval_batches(prefix_dir: str | Path, split: str, seq_len: int, micro_batch_s
     data = _Split(prefix_dir, split, seq_len)
     b, g = int(micro_batch_size), int(micro_batch_size) * int(dp_size)
     if data.n_windows < dp_size:
-        raise UserError(f"the {split} split of corpus {_corpus_name(data.prefix_dir)} has {data.n_windows} windows of "
+        raise UserError(f"the {split} split of corpus {corpus_name(data.prefix_dir)} has {data.n_windows} windows of "
                         f"model.seq_len+1 = {seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; "
                         f"lower model.seq_len or use a larger corpus (data.path)")
     full = min(int(max_batches), data.n_windows // g)

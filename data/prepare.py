@@ -24,14 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from competesmoe.data.tokenizer import (
-    META_FILE,
-    SPM_MODEL_FILE,
-    ByteTokenizer,
-    SentencePieceTokenizer,
-    sha256_file,
-)
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.common.files import sha256_file
+from competesmoe.data.meta import META_FILE, read_meta
+from competesmoe.data.tokenizer import SPM_MODEL_FILE, ByteTokenizer, SentencePieceTokenizer
 
 BUNDLED_CORPUS = "enwiki-2016-fragment.xml.bz2"
 SPLITS = ("train", "valid", "test")
@@ -219,19 +215,6 @@ def _train_sentencepiece(train_bytes: bytes, data_cfg, model_path: Path, source:
     model_path.write_bytes(writer.getvalue())
 
 
-def _read_meta(out_dir: Path) -> dict | None:
-    path = out_dir / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path} is unreadable or not JSON; delete {out_dir} or set data.prepared_dir to another directory") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is not a data preparation's meta.json; set data.prepared_dir to another directory")
-    return meta
-
-
 def _same(meta: dict, source_sha: str, settings: dict) -> bool:
     return (meta.get("format") == FORMAT_VERSION and meta.get("settings") == settings
             and meta.get("source", {}).get("sha256") == source_sha)
@@ -250,7 +233,7 @@ def prepare(data_cfg, out_dir: Path, progress: bool = True) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"data.prepared_dir: {out_dir} exists and is not a directory; set data.prepared_dir to a directory path")
 
-    existing = _read_meta(out_dir)
+    existing = read_meta(out_dir)
     if existing is not None:
         if not _same(existing, source_sha, settings):
             raise UserError(f"{out_dir} already holds a different data preparation ({_describe(existing)}); "
@@ -313,7 +296,7 @@ def prepare(data_cfg, out_dir: Path, progress: bool = True) -> dict:
             meta["tokenizer_file"] = SPM_MODEL_FILE
 
         # Someone else (another rank) may have finished the same preparation meanwhile.
-        other = _read_meta(out_dir)
+        other = read_meta(out_dir)
         if other is not None:
             if _same(other, source_sha, settings) and _complete(out_dir, other):
                 return other

@@ -7,24 +7,16 @@ directory can be checked against it).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.common.files import sha256_file
+from competesmoe.data.meta import META_FILE, load_meta
 
-META_FILE = "meta.json"
 SPM_MODEL_FILE = "spm.model"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ByteTokenizer:
@@ -80,14 +72,19 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256}
 
 
+def quality(nats_per_token: float, kind: str) -> dict:
+    """The usual figure of a mean next-token loss: bits per character (= per byte) for byte-level models,
+    perplexity per token for SentencePiece ones."""
+    if kind == "byte":
+        return {"bpc": nats_per_token / math.log(2)}
+    return {"ppl": math.exp(min(nats_per_token, 50.0))}
+
+
 def load_tokenizer(prepared_dir: str | Path):
     """The tokenizer a preparation used (read from its meta.json); checks the SentencePiece model's hash."""
     prepared_dir = Path(prepared_dir)
     meta_path = prepared_dir / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{meta_path} does not exist: {prepared_dir} is not a finished data preparation; "
-                        f"run the prepare step (data.prepared_dir) first")
-    meta = json.loads(meta_path.read_text())
+    meta = load_meta(prepared_dir)
     ident = meta["tokenizer"]
     if ident["kind"] == "byte":
         return ByteTokenizer()

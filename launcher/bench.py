@@ -105,7 +105,7 @@ def _capacity_factor(text: str):
 
 
 def _validate(opts: SimpleNamespace) -> None:
-    from competesmoe.launcher.errors import UserError
+    from competesmoe.common.errors import UserError
 
     for name in ("d_model", "experts", "hidden", "tokens", "iters", "competition_iters", "nproc", "threads"):
         if getattr(opts, name) < 1:
@@ -155,7 +155,7 @@ def _loadavg() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from competesmoe.launcher.errors import UserError
+    from competesmoe.common.errors import UserError
 
     parser = argparse.ArgumentParser(prog="competesmoe bench", description="Benchmarks.")
     add_arguments(parser)
@@ -365,18 +365,14 @@ class _RankBench:
         rank, as the model is built), its experts sharded over EP, activation checkpointing applied."""
         import torch
 
-        from competesmoe.launcher.config import Config
         from competesmoe.moe.layer import MoELayer
-        from competesmoe.parallel.parallelize import apply_activation_checkpointing, apply_expert_parallel
+        from competesmoe.parallel.parallelize import shard_experts
 
         torch.manual_seed(1234)
         layer = MoELayer(cfg, d_model).train()
-        model = SimpleNamespace(moe_layers=[layer])  # what the parallelize step needs of a model
         if ep > 1:
-            config = Config()
-            config.moe = cfg
-            apply_expert_parallel(model, config, groups)
-        apply_activation_checkpointing(model, activation_checkpointing)
+            shard_experts(layer, groups, cfg.competition.gather)
+        layer.experts.recompute_hidden = activation_checkpointing == "experts"
         return layer
 
     def cell(self, ep: int, k: int) -> dict:
@@ -385,7 +381,7 @@ class _RankBench:
         import torch.nn.functional as F
         from torch import nn
 
-        from competesmoe.launcher.config import MoEConfig
+        from competesmoe.moe.config import MoEConfig
         from competesmoe.parallel.groups import build_groups
 
         o = self.opts

@@ -9,7 +9,6 @@ manifest, and `resume=auto` falls back to the newest good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.common.files import fsync_path, sha256_file, write_atomic
 
 FAULT_KILL_IN_PUBLISH = "COMPETESMOE_FAULT_KILL_IN_PUBLISH"
 """Fault injection for tests: rank 0 SIGKILLs itself while publishing this tag (staged, not yet visible)."""
@@ -37,36 +37,13 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def write_manifest(tag_dir: Path) -> None:
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {}
     for path in files:
-        _fsync(path)
+        fsync_path(path)
         entries[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    _write_atomic(tag_dir / MANIFEST, json.dumps({"files": entries}, indent=1))
+    write_atomic(tag_dir / MANIFEST, json.dumps({"files": entries}, indent=1))
 
 
 def verify(tag_dir: Path) -> dict:
@@ -138,8 +115,8 @@ def publish(root: Path, tag: str, run_state: dict, keep: int) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
     os.rename(staged, final)
-    _fsync(root)
+    fsync_path(root)
     shutil.rmtree(replaced, ignore_errors=True)
-    _write_atomic(root / LATEST, tag)
+    write_atomic(root / LATEST, tag)
     for old in published_tags(root)[keep:]:
         shutil.rmtree(root / old, ignore_errors=True)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from competesmoe.launcher.config import Config, ConfigError, load_config
-from competesmoe.launcher.errors import UserError
-from competesmoe.moe.baselines import RoutingContext
+from competesmoe.common.errors import UserError
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.model import TransformerLM
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -76,7 +76,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def load_run(path: str | Path) -> LoadedRun:
     """Rebuild the model of a checkpoint in this process (CPU, eval mode)."""
-    from competesmoe.data.tokenizer import META_FILE
+    from competesmoe.data.meta import load_meta
     from competesmoe.parallel import deepspeed_moe
 
     run_dir, tag_dir = find_checkpoint(path)
@@ -88,10 +88,10 @@ def load_run(path: str | Path) -> LoadedRun:
     except ConfigError as err:
         raise UserError(f"{config_file}: {err}") from None
     data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
-    if not (data_dir / META_FILE).is_file():
+    if not data_dir.is_dir():
         raise UserError(f"the run's prepared data {data_dir} is missing (its tokenizer is needed); prepare it again "
                         f"with `competesmoe prepare {config_file}`")
-    meta = json.loads((data_dir / META_FILE).read_text())
+    meta = load_meta(data_dir)
 
     state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=False)
     module = dict(state["module"])
@@ -159,7 +159,7 @@ def read_text(path: str | Path, split: str) -> bytes:
 
 def evaluate_text(run: LoadedRun, text: str | Path, split: str = "all", top_k: int | None = None,
                   batch_size: int = 8) -> dict:
-    from competesmoe.data.tokenizer import load_tokenizer
+    from competesmoe.data.tokenizer import load_tokenizer, quality
 
     raw = read_text(text, split)
     tokenizer = load_tokenizer(run.data_dir)
@@ -173,10 +173,8 @@ def evaluate_text(run: LoadedRun, text: str | Path, split: str = "all", top_k: i
     result = {"text": str(text), "split": split, "bytes": len(raw), "tokens": int(len(tokens)),
               "predicted": count, "loss": loss, "checkpoint": str(run.tag_dir), "step": run.step,
               "top_k": top_k or run.cfg.moe.top_k}
-    if tokenizer.kind == "byte":
-        result["bpc"] = loss / math.log(2)
-    else:
-        result["ppl"] = math.exp(min(loss, 50.0))
+    result.update(quality(loss, tokenizer.kind))
+    if tokenizer.kind != "byte":
         result["bits_per_byte"] = nats / math.log(2) / max(len(raw), 1)
     return result
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from competesmoe.launcher import checkpoint
-from competesmoe.launcher.config import Config, _build
+from competesmoe.launcher.config import config_from_dict
 from competesmoe.moe.model import TransformerLM
 from competesmoe.parallel.deepspeed_moe import load_expert_state
 
@@ -27,7 +27,7 @@ def consolidated_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def build_model(run_state: dict, state: dict[str, torch.Tensor]) -> TransformerLM:
-    cfg: Config = _build(Config, run_state["config"])
+    cfg = config_from_dict(run_state["config"])
     model = TransformerLM(cfg.model, cfg.moe, vocab_size=run_state["tokenizer"]["vocab_size"])
     model.load_state_dict(state, strict=True)
     return model

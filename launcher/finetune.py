@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from competesmoe.launcher.errors import UserError
-from competesmoe.moe.baselines import RoutingContext
+from competesmoe.common.errors import UserError
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.schedule import CompetitionSchedule
 

@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -34,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from competesmoe.launcher.errors import UserError
-from competesmoe.parallel.ranks import free_port
+from competesmoe.common.errors import UserError
+from competesmoe.common.net import free_port
+from competesmoe.launcher.process import run_child
 
 TRAIN_MODULE = "competesmoe.launcher.cli"
 DEFAULT_MULTINODE_PORT = 29500
@@ -344,20 +344,7 @@ def run_plan(p: Plan, opts: LaunchOptions, validate=None) -> int:
     preflight(p, opts)
     for path, content in p.files.items():
         Path(path).write_text(content)
-    child = subprocess.Popen(p.command, env={**os.environ, **p.env})
-
-    def forward(signum, _frame):
-        child.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:  # the child got the same SIGINT from the terminal: let it finish
-        return child.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if child.poll() is None:
-            child.kill()
+    return run_child(p.command, p.env)
 
 
 def launch(opts: LaunchOptions, train_args: list[str], validate=None) -> int:

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from competesmoe.launcher.config import Config, load_config
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.data.meta import load_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -535,7 +536,7 @@ def write_report(grid: Grid, total_wall_s: float | None = None) -> Path:
 
 
 def _train_tokens(grid: Grid) -> int:
-    meta = json.loads((grid.data_dir / "meta.json").read_text())
+    meta = load_meta(grid.data_dir)
     return int(meta["splits"]["train"]["tokens"])
 
 

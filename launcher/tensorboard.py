@@ -7,14 +7,12 @@ expert-load histograms and heatmap images (`moe/layerN/expert_load_heatmap`) are
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
+from competesmoe.launcher.process import run_child
 
 
 def event_dir(run_dir: str) -> Path:
@@ -53,18 +51,4 @@ def serve(run_dirs: list[str], host: str = "127.0.0.1", port: int = 6006, dry_ru
     if dry_run:
         return 0
     print(f"TensorBoard at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
-    child = subprocess.Popen(command, env=dict(os.environ))
-
-    def forward(signum, _frame):
-        child.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
-        return child.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if child.poll() is None:
-            child.kill()
+    return run_child(command)

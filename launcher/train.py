@@ -10,7 +10,6 @@ import datetime
 import os
 import signal
 import sys
-import socket
 from pathlib import Path
 
 import torch
@@ -19,18 +18,13 @@ import yaml
 
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict, validate_world
-from competesmoe.launcher.errors import UserError, is_peer_failure
+from competesmoe.common.errors import UserError, is_peer_failure
+from competesmoe.common.net import free_port
 from competesmoe.launcher.metrics import MetricsWriter
 from competesmoe.launcher.trainer import Trainer, pick_device
 from competesmoe.parallel.groups import build_groups
 
 CHECKPOINTS = "checkpoints"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(cfg: Config, device: torch.device) -> None:

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from competesmoe.data.loader import TrainSampler, eval_batches, load_meta
+from competesmoe.data.loader import TrainSampler, eval_batches
+from competesmoe.data.meta import load_meta
+from competesmoe.data.tokenizer import quality
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict
-from competesmoe.launcher.errors import UserError, is_peer_failure
+from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.launcher.metrics import RoutingStats
-from competesmoe.moe.baselines import RoutingContext
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.schedule import CompetitionSchedule
 from competesmoe.parallel import deepspeed_moe
@@ -88,7 +90,8 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
         self.num_moe_layers = len(model.moe_layers)
-        model = parallelize(model, cfg, groups)
+        model = parallelize(model, groups, gather=cfg.moe.competition.gather,
+                            activation_checkpointing=cfg.parallel.activation_checkpointing)
         ds_config = deepspeed_config(cfg)
         groups_wd = param_groups(model, cfg.train.weight_decay)
         if self.num_moe_layers:  # expert gradients reduced over the expert-data-parallel group
@@ -104,10 +107,11 @@ class Trainer:
         seed_everything(cfg.train.seed + 1000 * (groups.rank + 1))
 
         self.schedule = CompetitionSchedule(cfg.moe.competition, cfg.train.seed, cfg.train.max_steps,
-                                            self.num_moe_layers, enabled=cfg.moe.router == "competesmoe")
+                                            self.num_moe_layers, enabled=cfg.moe.competes)
         self.sampler = TrainSampler(data_dir, "train", cfg.model.seq_len, cfg.train.micro_batch_size,
                                     groups.rank, groups.dp_size, cfg.train.seed)
         self.routing_stats = RoutingStats()
+        self.nan_steps = injected_nan_steps()
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
@@ -138,7 +142,7 @@ class Trainer:
                 compete = self.schedule.layers_at(self.step, micro)
             inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
             out = self.engine(inputs_BS, targets_BS, compete, self.routing_context())
-            loss = out.loss * injected_fault(self.step + 1)
+            loss = out.loss if self.step + 1 not in self.nan_steps else out.loss * float("nan")
             if not torch.isfinite(loss):
                 bad_layers |= nonfinite_layers(out.moe_aux)
             self.engine.backward(loss)
@@ -201,9 +205,7 @@ class Trainer:
                 param.grad.fill_(float("nan"))
 
     def _quality(self, nats: float) -> dict:
-        if self.meta["tokenizer"]["kind"] == "byte":
-            return {"bpc": nats / math.log(2)}
-        return {"ppl": math.exp(min(nats, 50.0))}
+        return quality(nats, self.meta["tokenizer"]["kind"])
 
     def routing_context(self) -> RoutingContext:
         """What the routing policies may depend on: the step (StableMoE's stage, SMoE-Dropout's K)."""
@@ -389,9 +391,9 @@ FAULT_NAN_STEPS = "COMPETESMOE_FAULT_NAN_STEPS"
 """Fault injection for tests: comma-separated optimizer steps (1-based) whose loss is made NaN."""
 
 
-def injected_fault(step: int) -> float:
-    steps = os.environ.get(FAULT_NAN_STEPS, "")
-    return float("nan") if str(step) in steps.split(",") else 1.0
+def injected_nan_steps() -> frozenset[int]:
+    """The steps COMPETESMOE_FAULT_NAN_STEPS names, read once at start-up (never in the step loop)."""
+    return frozenset(int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip().isdigit())
 
 
 def nonfinite_layers(moe_aux) -> set[int]:

@@ -18,9 +18,10 @@ parallelism unchanged.
 Switch / GShard are `router: smoe` with top_k 1 / 2 (moe/layer.py); the dense baseline is
 `model.layout: dense` with `model.dense_hidden = top_k * expert_hidden` (equal active parameters).
 
-What a policy needs from training (the step, for StableMoE's stage and SMoE-Dropout's K) comes in
-explicitly through a `RoutingContext` passed down the forward; nothing is kept on the modules
-between calls.
+Each policy is a module with the interface of `routing.SoftmaxRouter`: it returns a
+`routing.RoutingDecision`. What a policy needs from training (the step, for StableMoE's stage and
+SMoE-Dropout's K) comes in explicitly through a `routing.RoutingContext` passed down the forward;
+nothing is kept on the modules between calls.
 
 Shape legend: T tokens, D d_model, E experts (global), K experts chosen per token, R routing-space
 width, V vocabulary, B batch, S sequence.
@@ -29,47 +30,14 @@ width, V vocabulary, B batch, S sequence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.moe import routing
+from competesmoe.moe.routing import RoutingContext, RoutingDecision
 
-BASELINE_ROUTERS = ("xmoe", "stablemoe", "smoe_dropout")
 MIN_TEMPERATURE = 0.01
-
-
-@dataclass(frozen=True)
-class RoutingContext:
-    """What a routing policy may depend on besides the tokens' hidden states, passed explicitly
-    with every forward (the trainer builds it; evaluation builds its own)."""
-
-    step: int = 0
-    """The optimizer step being taken (0-based); in evaluation, the steps trained so far."""
-    total_steps: int = 1
-    """train.max_steps of the run."""
-    top_k: int | None = None
-    """Experts per token to use instead of the policy's own K (evaluation sweeps); None = the policy's."""
-    tokens_BS: torch.Tensor | None = None
-    """Token ids of the batch (the model fills this in; StableMoE's distilled router routes on them)."""
-
-
-@dataclass
-class RoutingDecision:
-    """One routing of T tokens: what the layer dispatches, plus loss and monitoring figures."""
-
-    weights_TK: torch.Tensor
-    """Gate weight of each chosen expert (the task gradient reaches the router through these)."""
-    experts_TK: torch.Tensor
-    """Chosen expert ids."""
-    probs_TE: torch.Tensor
-    """The policy's routing distribution over experts (monitoring: entropy, figures)."""
-    loss: torch.Tensor
-    """Weighted auxiliary loss of this routing."""
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Detached per-layer figures for metrics.jsonl (same keys on every call of one policy)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,13 +190,3 @@ class RandomFrozenRouter(nn.Module):
         return RoutingDecision(weights_TK, experts_TK, probs_TE, probs_TE.new_zeros(()),
                                {"active_k": probs_TE.new_tensor(float(k))})
 
-
-def build_router(cfg, d_model: int, vocab_size: int = 0) -> nn.Module:
-    """The router module of a baseline policy (cfg: MoEConfig with router in BASELINE_ROUTERS)."""
-    if cfg.router == "xmoe":
-        return XMoERouter(cfg, d_model)
-    if cfg.router == "stablemoe":
-        return StableMoERouter(cfg, d_model, vocab_size)
-    if cfg.router == "smoe_dropout":
-        return RandomFrozenRouter(cfg, d_model)
-    raise ValueError(f"{cfg.router!r} is not a baseline router ({', '.join(BASELINE_ROUTERS)})")

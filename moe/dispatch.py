@@ -1,7 +1,9 @@
-"""Token transport for one process: the experts all live here.
+"""Token transports: the interface every transport implements (`TokenDispatcher`), and the one for a
+single process, where the experts all live here.
 
-The expert-parallel transports (all-to-all, all-gather) in `competesmoe.parallel.expert_parallel`
-implement the same four phases; the MoE layer only calls these methods.
+The expert-parallel transport (all-to-all, all-gather) in `competesmoe.parallel.expert_parallel`
+implements the same interface; the MoE layer only calls these methods, and each dispatch or gather
+returns a frozen metadata object that the next phase consumes (nothing is kept on the transport).
 
 Shape legend:
   T home tokens, D d_model, E global experts, e experts held on this rank, K choices per token,
@@ -12,8 +14,41 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+
+
+class TokenDispatcher(Protocol):
+    """How a layer's tokens reach its experts and come back (router steps), and how a competition step
+    sees every expert's answer to every token. Implemented by `LocalDispatcher` (one process) and
+    `competesmoe.parallel.expert_parallel.AllToAllDispatcher` (experts sharded over an EP group)."""
+
+    num_experts: int
+    """E, the layer's experts over all ranks."""
+    num_local_experts: int
+    """e, the experts held here."""
+    first_local_expert: int
+    """Global id of the first expert held here (they are contiguous)."""
+
+    def dispatch(self, x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Rows for this rank's experts, grouped by local expert (x_ND), and the metadata combine needs;
+        the metadata has `counts`: rows per local expert."""
+
+    def combine(self, y_ND: torch.Tensor, weight_A: torch.Tensor, meta: Any, num_tokens: int) -> torch.Tensor:
+        """The experts' outputs back home, weighted and summed per token: y_TD."""
+
+    def gather_tokens(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The tokens every local expert must answer in a competition step (x_GD), and their metadata."""
+
+    def gather_outputs(self, outputs_eGD: torch.Tensor, meta: Any) -> tuple[torch.Tensor, Any]:
+        """Expert outputs moved home where the transport compares outputs there (else unchanged)."""
+
+    def gather_scores(self, scores_Ge: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Every expert's affinity for each home token: scores_TE (columns in global expert order)."""
+
+    def gather_winners(self, outputs_eGD: torch.Tensor, winners_TK: torch.Tensor, meta: Any) -> torch.Tensor:
+        """The winners' outputs for each home token: outputs_TKD."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +107,14 @@ class LocalDispatcher:
 
     def gather_winners(self, outputs_eGD: torch.Tensor, winners_TK: torch.Tensor, meta: LocalCompetitionMeta):
         """The winners' outputs for each home token: outputs_TKD."""
-        token_T1 = torch.arange(winners_TK.shape[0], device=winners_TK.device).unsqueeze(1)
-        return outputs_eGD[winners_TK, token_T1]
+        return select_winners(outputs_eGD, winners_TK)
+
+
+def select_winners(outputs_ETD: torch.Tensor, winners_TK: torch.Tensor) -> torch.Tensor:
+    """outputs_TKD[t, k] = outputs_ETD[winners_TK[t, k], t]: each home token's winners' outputs, when all E
+    experts' outputs for the home tokens are here."""
+    token_T1 = torch.arange(winners_TK.shape[0], device=winners_TK.device).unsqueeze(1)
+    return outputs_ETD[winners_TK, token_T1]
 
 
 def unsort(y_sorted_AD: torch.Tensor, order_A: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from competesmoe.launcher.config import MoEConfig
+from competesmoe.moe.config import MoEConfig
 from competesmoe.moe import baselines, routing
 from competesmoe.moe.baselines import RoutingContext, RoutingDecision
 from competesmoe.moe.dispatch import LocalDispatcher
@@ -40,25 +40,37 @@ def capacity_keep_mask(expert_A: torch.Tensor, num_experts: int, capacity: int) 
     return keep_A
 
 
+def _softmax_router(cfg: MoEConfig, d_model: int, raw_gates: bool) -> routing.SoftmaxRouter:
+    return routing.SoftmaxRouter(d_model, cfg.num_experts, balance_coef=cfg.balance_coef,
+                                 z_loss_coef=cfg.z_loss_coef, jitter=cfg.jitter, raw_gates=raw_gates)
+
+
+ROUTING_POLICIES = {
+    "smoe": lambda cfg, d_model, vocab: _softmax_router(cfg, d_model, cfg.baseline.smoe_raw_gates),
+    "competesmoe": lambda cfg, d_model, vocab: _softmax_router(cfg, d_model, raw_gates=False),
+    "xmoe": lambda cfg, d_model, vocab: baselines.XMoERouter(cfg, d_model),
+    "stablemoe": lambda cfg, d_model, vocab: baselines.StableMoERouter(cfg, d_model, vocab),
+    "smoe_dropout": lambda cfg, d_model, vocab: baselines.RandomFrozenRouter(cfg, d_model),
+}
+"""moe.router -> the routing policy of router steps (vocab: StableMoE's distilled router routes on token ids)."""
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, vocab_size: int = 0):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        if cfg.router in baselines.BASELINE_ROUTERS:  # vocab_size: StableMoE's distilled router
-            self.router = baselines.build_router(cfg, d_model, vocab_size)
-        else:
-            self.router = routing.Router(d_model, cfg.num_experts)
+        self.router = ROUTING_POLICIES[cfg.router](cfg, d_model, vocab_size)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation)
         # The transport; `parallelize` swaps in an expert-parallel one and shards `experts`.
-        self.dispatcher = LocalDispatcher(cfg.num_experts)
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
 
     def forward(self, x_BSD: torch.Tensor, compete: bool = False,
                 ctx: RoutingContext | None = None) -> tuple[torch.Tensor, MoEAux]:
-        """ctx: the step and overrides a routing policy may need (baselines.RoutingContext)."""
+        """ctx: the step and overrides a routing policy may need (routing.RoutingContext)."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        if compete and self.cfg.router == "competesmoe" and self.training:
+        if compete and self.cfg.competes and self.training:
             y_TD, aux = self._competition_step(x_TD)
         else:
             y_TD, aux = self._router_step(x_TD, ctx if ctx is not None else RoutingContext())
@@ -66,23 +78,10 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
-        """Top-K experts and gate weights of a router step: the softmax router ('smoe', and
-        'competesmoe' outside competition steps) or a baseline policy (moe/baselines.py)."""
-        cfg = self.cfg
+        """Top-K experts and gate weights of a router step, from the layer's routing policy."""
         if ctx.top_k is not None and not 1 <= ctx.top_k <= self.num_experts:
             raise ValueError(f"routing top_k {ctx.top_k} must be within [1, {self.num_experts}]")
-        if cfg.router in baselines.BASELINE_ROUTERS:
-            return self.router(x_TD, ctx, self.top_k, self.training)
-        logits_TE = self.router(x_TD, cfg.jitter)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, experts_TK = routing.topk_renormalised(probs_TE, ctx.top_k or self.top_k)
-        if cfg.router == "smoe" and cfg.baseline.smoe_raw_gates:  # Switch: the probabilities themselves
-            weights_TK = probs_TE.gather(1, experts_TK)
-        balance = routing.switch_balance_loss(probs_TE, experts_TK)
-        zloss = routing.z_loss(logits_TE)
-        loss = cfg.balance_coef * balance + cfg.z_loss_coef * zloss
-        return RoutingDecision(weights_TK, experts_TK, probs_TE, loss,
-                               {"balance_loss": balance.detach(), "z_loss": zloss.detach()})
+        return self.router(x_TD, ctx, self.top_k, self.training)
 
     def _router_step(self, x_TD: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, MoEAux]:
         cfg = self.cfg
@@ -112,7 +111,7 @@ class MoELayer(nn.Module):
         """Every expert answers every token; the highest affinities win (spec section 2)."""
         comp = self.cfg.competition
         # The router only learns from distillation here: no task gradient reaches it.
-        p_router_TE = torch.softmax(self.router(x_TD), dim=-1)
+        p_router_TE = self.router.probs(x_TD)
 
         x_GD, meta = self.dispatcher.gather_tokens(x_TD)
         outputs_eGD = self.experts.forward_all(x_GD)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from competesmoe.launcher.config import ModelConfig, MoEConfig
-from competesmoe.moe.baselines import RoutingContext
+from competesmoe.moe.config import ModelConfig, MoEConfig
 from competesmoe.moe.experts import DenseFFN
 from competesmoe.moe.layer import MoEAux, MoELayer
+from competesmoe.moe.routing import RoutingContext
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm_ffn = nn.RMSNorm(cfg.d_model)
         self.ffn = (MoELayer(moe_cfg, cfg.d_model, vocab_size) if use_moe
-                    else DenseFFN(cfg.d_model, cfg.dense_hidden, moe_cfg.activation))
+                    else DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.dense_activation or moe_cfg.activation))
         self.drop = nn.Dropout(cfg.dropout)
 
     @property

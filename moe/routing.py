@@ -1,11 +1,16 @@
-"""Routing policies: the softmax top-K router and the CompeteSMoE competition (../docs: competesmoe.md).
+"""Routing policies' common ground: what a policy receives and returns, the softmax router, and the
+CompeteSMoE math (docs/competesmoe.md names the function beside each equation).
 
 Everything here is math on per-token scores; moving tokens between ranks is the dispatcher's job.
+A routing policy is a module `policy(x_TD, ctx, default_k, training) -> RoutingDecision`: the softmax
+router here, the papers' baselines in `moe/baselines.py`.
 
-Shape legend: T tokens, E experts (global), K experts chosen per token, D d_model.
+Shape legend: T tokens, E experts (global), K experts chosen per token, D d_model, B batch, S sequence.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +24,70 @@ AFFINITIES = {
 }
 
 
-class Router(nn.Module):
-    """Linear gate without bias; logits are computed in fp32 whatever the training precision."""
+@dataclass(frozen=True)
+class RoutingContext:
+    """What a routing policy may depend on besides the tokens' hidden states, passed explicitly
+    with every forward (the trainer builds it; evaluation builds its own)."""
 
-    def __init__(self, d_model: int, num_experts: int):
+    step: int = 0
+    """The optimizer step being taken (0-based); in evaluation, the steps trained so far."""
+    total_steps: int = 1
+    """train.max_steps of the run."""
+    top_k: int | None = None
+    """Experts per token to use instead of the policy's own K (evaluation sweeps); None = the policy's."""
+    tokens_BS: torch.Tensor | None = None
+    """Token ids of the batch (the model fills this in; StableMoE's distilled router routes on them)."""
+
+
+@dataclass
+class RoutingDecision:
+    """One routing of T tokens: what the layer dispatches, plus loss and monitoring figures."""
+
+    weights_TK: torch.Tensor
+    """Gate weight of each chosen expert (the task gradient reaches the router through these)."""
+    experts_TK: torch.Tensor
+    """Chosen expert ids."""
+    probs_TE: torch.Tensor
+    """The policy's routing distribution over experts (monitoring: entropy, figures)."""
+    loss: torch.Tensor
+    """Weighted auxiliary loss of this routing."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached per-layer figures for metrics.jsonl (same keys on every call of one policy)."""
+
+
+class SoftmaxRouter(nn.Module):
+    """The linear softmax top-K router (SMoE; CompeteSMoE's router steps): logits g = W x in fp32,
+    p_R = softmax(g), top-K with renormalised weights (or, `raw_gates`, the probabilities themselves as
+    the Switch Transformer gates), Switch balance loss and z-loss."""
+
+    def __init__(self, d_model: int, num_experts: int, *, balance_coef: float = 0.0, z_loss_coef: float = 0.0,
+                 jitter: float = 0.0, raw_gates: bool = False):
         super().__init__()
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight_ED, std=0.02)
+        self.balance_coef, self.z_loss_coef, self.jitter, self.raw_gates = balance_coef, z_loss_coef, jitter, raw_gates
 
-    def forward(self, x_TD: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
+    def logits(self, x_TD: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
+        """g = W x in fp32; with jitter eps > 0 in training, x is scaled by U(1 - eps, 1 + eps) first."""
         if jitter > 0 and self.training:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
         return x_TD.float() @ self.weight_ED.float().t()
+
+    def probs(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """p_R = softmax(W x), no jitter (the competition step's distillation target side)."""
+        return torch.softmax(self.logits(x_TD), dim=-1)
+
+    def forward(self, x_TD: torch.Tensor, ctx: RoutingContext, default_k: int, training: bool) -> RoutingDecision:
+        logits_TE = self.logits(x_TD, self.jitter)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        weights_TK, experts_TK = topk_renormalised(probs_TE, ctx.top_k or default_k)
+        if self.raw_gates:
+            weights_TK = probs_TE.gather(1, experts_TK)
+        balance = switch_balance_loss(probs_TE, experts_TK)
+        zloss = z_loss(logits_TE)
+        loss = self.balance_coef * balance + self.z_loss_coef * zloss
+        return RoutingDecision(weights_TK, experts_TK, probs_TE, loss,
+                               {"balance_loss": balance.detach(), "z_loss": zloss.detach()})
 
 
 def topk_renormalised(probs_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

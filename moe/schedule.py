@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from competesmoe.launcher.config import CompetitionConfig
+from competesmoe.moe.config import CompetitionConfig
 
 _SCHEDULE_STREAM = 0x5C4ED  # keeps the schedule's random stream apart from other uses of the seed
 

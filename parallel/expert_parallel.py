@@ -1,7 +1,7 @@
 """Expert-parallel token transport: the experts of one MoE layer are sharded over an EP group.
 
-`AllToAllDispatcher` has the methods and semantics of `competesmoe.moe.dispatch.LocalDispatcher`,
-so the MoE layer runs unchanged; only the rows move between ranks.
+`AllToAllDispatcher` implements `competesmoe.moe.dispatch.TokenDispatcher` with the semantics of the
+single-process `LocalDispatcher`, so the MoE layer runs unchanged; only the rows move between ranks.
 
 Router steps (dispatch / combine):
   1. sort this rank's kept assignments by global expert; EP rank r holds experts [r*e, (r+1)*e);
@@ -18,7 +18,7 @@ Competition steps (every expert answers every token of the EP group):
                   back the (token, k) rows whose winner it holds (uneven all-to-all) -> o_TKD;
   gather_outputs  (gather='outputs', the design card's literal variant) all-to-alls the expert
                   outputs themselves: each home rank gets o_ETD for its tokens and from then on the
-                  competition is local (gather_scores / gather_winners act as in LocalDispatcher).
+                  competition is local (meta.outputs_at_home: gather_scores / gather_winners move nothing).
 
 Every data tensor crosses ranks through an autograd.Function whose backward runs the transposed
 collective, so gradients reach the expert ranks and the home ranks. Counts and indices are plain
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from competesmoe.moe.dispatch import LocalCompetitionMeta, LocalDispatcher, unsort, weighted_scatter
+from competesmoe.moe.dispatch import select_winners, unsort, weighted_scatter
 from competesmoe.parallel.groups import ParallelGroups
 
 GATHER_MODES = ("scores", "outputs")
@@ -169,6 +169,9 @@ class AllToAllCompetitionMeta:
     """Home tokens of each EP rank; x_GD is their concatenation in rank order."""
     max_tokens: int
     """Padded rows per rank in the all-gathers."""
+    outputs_at_home: bool = False
+    """gather='outputs' after gather_outputs: every expert's outputs for the home tokens are here (o_ETD), so
+    scores and winners need no further communication."""
 
 
 class AllToAllDispatcher:
@@ -243,7 +246,7 @@ class AllToAllDispatcher:
 
     def gather_outputs(self, outputs_eGD: torch.Tensor, meta):
         """gather='outputs': each home rank receives every expert's outputs for its own tokens
-        (o_ETD, returned in the place of o_eGD with a local meta, so the rest of the competition
+        (o_ETD, returned in the place of o_eGD with meta.outputs_at_home set, so the rest of the competition
         step is the single-process one). gather='scores': nothing moves here."""
         if self.gather != "outputs":
             return outputs_eGD, meta
@@ -253,11 +256,11 @@ class AllToAllDispatcher:
         recv = _AllToAll.apply(send_GX, [T] * P, meta.tokens_per_rank, self.group, self.ep_rank,
                                self.comm_bytes, "gather_outputs", None)
         outputs_ETD = recv.view(P, T, e, D).permute(0, 2, 1, 3).reshape(P * e, T, D)
-        return outputs_ETD, LocalCompetitionMeta(num_tokens=T)
+        return outputs_ETD, replace(meta, outputs_at_home=True)
 
     def gather_scores(self, scores_Ge: torch.Tensor, meta) -> torch.Tensor:
         """Every expert's affinity for each home token: scores_TE (columns in global expert order)."""
-        if isinstance(meta, LocalCompetitionMeta):  # after gather_outputs: all local
+        if meta.outputs_at_home:  # scores_Ge is already scores_TE
             return scores_Ge
         if self.gather == "outputs":
             raise RuntimeError("gather='outputs' needs the MoE layer to call dispatcher.gather_outputs(outputs_eGD, "
@@ -270,8 +273,8 @@ class AllToAllDispatcher:
 
     def gather_winners(self, outputs_eGD: torch.Tensor, winners_TK: torch.Tensor, meta):
         """The winners' outputs for each home token: outputs_TKD."""
-        if isinstance(meta, LocalCompetitionMeta):
-            return LocalDispatcher.gather_winners(self, outputs_eGD, winners_TK, meta)
+        if meta.outputs_at_home:
+            return select_winners(outputs_eGD, winners_TK)
         P, T, e = self.ep_size, meta.num_tokens, self.num_local_experts
         K, D = winners_TK.shape[1], outputs_eGD.shape[-1]
         device = winners_TK.device

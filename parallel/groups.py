@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The model is built whole (every rank the same weights from the same seed); this step then
 applies expert parallelism (shard each MoE layer's experts and swap in the all-to-all transport) and
 activation checkpointing. ZeRO and the expert-data-parallel gradient reduction come next, from the
-DeepSpeed engine (`deepspeed_moe.make_engine`).
+DeepSpeed engine (`parallel.deepspeed.engine.make_engine`).
 """
 
 from __future__ import annotations
@@ -11,29 +11,30 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from competesmoe.launcher.config import Config
+from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
+from competesmoe.parallel.expert_parallel import AllToAllDispatcher
 from competesmoe.parallel.groups import ParallelGroups
 
 
-def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> TransformerLM:
+def parallelize(model: TransformerLM, groups: ParallelGroups, *, gather: str = "scores",
+                activation_checkpointing: str = "none") -> TransformerLM:
+    """gather: moe.competition.gather; activation_checkpointing: parallel.activation_checkpointing."""
     if groups.ep_size > 1:
-        apply_expert_parallel(model, cfg, groups)
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+        for layer in model.moe_layers:
+            shard_experts(layer, groups, gather)
+    apply_activation_checkpointing(model, activation_checkpointing)
     return model
 
 
-def apply_expert_parallel(model: TransformerLM, cfg: Config, groups: ParallelGroups) -> None:
-    """Keep this rank's contiguous slice of each layer's experts and route tokens by all-to-all."""
-    from competesmoe.parallel.expert_parallel import AllToAllDispatcher
-
-    for layer in model.moe_layers:
-        local = layer.num_experts // groups.ep_size
-        first = groups.ep_rank * local
-        experts = layer.experts
-        experts.w_in_EDF = nn.Parameter(experts.w_in_EDF.detach()[first:first + local].clone())
-        experts.w_out_EFD = nn.Parameter(experts.w_out_EFD.detach()[first:first + local].clone())
-        layer.dispatcher = AllToAllDispatcher(layer.num_experts, groups, cfg.moe.competition.gather)
+def shard_experts(layer: MoELayer, groups: ParallelGroups, gather: str = "scores") -> None:
+    """Keep this rank's contiguous slice of the layer's experts and route its tokens by all-to-all."""
+    local = layer.num_experts // groups.ep_size
+    first = groups.ep_rank * local
+    experts = layer.experts
+    experts.w_in_EDF = nn.Parameter(experts.w_in_EDF.detach()[first:first + local].clone())
+    experts.w_out_EFD = nn.Parameter(experts.w_out_EFD.detach()[first:first + local].clone())
+    layer.dispatcher = AllToAllDispatcher(layer.num_experts, groups, gather)
 
 
 def apply_activation_checkpointing(model: TransformerLM, mode: str) -> None:

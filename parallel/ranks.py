@@ -20,10 +20,11 @@ import datetime
 import faulthandler
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
+
+from competesmoe.common.net import free_port
 
 
 class RankFailed(RuntimeError):
@@ -32,13 +33,6 @@ class RankFailed(RuntimeError):
 
 class RankTimeout(TimeoutError):
     """The ranks did not finish within the timeout (typically a collective that not every rank entered)."""
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_on_ranks(fn, world_size: int, args: tuple = (), timeout: float = 60.0, threads: int = 1,

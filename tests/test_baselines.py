@@ -14,7 +14,7 @@ from torch import nn
 
 from competesmoe.launcher.config import BaselineConfig, ConfigError, ModelConfig, MoEConfig, load_config
 from competesmoe.moe import baselines
-from competesmoe.moe.baselines import RoutingContext
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
 
@@ -24,9 +24,9 @@ D = 12
 V = 20
 
 
-def make_layer(router: str, num_experts=6, top_k=2, balance_coef=0.3, **baseline) -> MoELayer:
+def make_layer(router: str, num_experts=6, top_k=2, balance_coef=0.3, z_loss_coef=0.001, **baseline) -> MoELayer:
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=10, router=router, balance_coef=balance_coef,
-                    baseline=BaselineConfig(**baseline))
+                    z_loss_coef=z_loss_coef, baseline=BaselineConfig(**baseline))
     torch.manual_seed(0)
     layer = MoELayer(cfg, D, vocab_size=V)
     with torch.no_grad():  # routers sharp enough that top-K has no near-ties
@@ -171,7 +171,10 @@ def compare(layer: MoELayer, ctx: RoutingContext, tokens=9, train=True):
         if ours[name] is None or theirs[name] is None:
             assert ours[name] is None and (theirs[name] is None or not theirs[name].any()), name
         else:
-            torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+            # atol scaled to the tensor: an entry that is a near-cancelling sum of ~100-sized fp32 terms
+            # carries that sum's rounding, ~1e-5 of its terms, whatever its own size
+            scale = theirs[name].abs().max().item()
+            torch.testing.assert_close(ours[name], theirs[name], atol=1e-5 * max(1.0, scale), rtol=1e-4, msg=name)
     return aux, ours
 
 
@@ -318,14 +321,12 @@ def test_switch_and_gshard_are_smoe_with_top_k(top_k):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_switch_raw_gates_match_token_loop_and_train_the_router(top_k):
-    layer = make_layer("smoe", top_k=top_k, balance_coef=0.0, smoe_raw_gates=True)
-    layer.cfg.z_loss_coef = 0.0
+    layer = make_layer("smoe", top_k=top_k, balance_coef=0.0, z_loss_coef=0.0, smoe_raw_gates=True)
     _, g = compare(layer, RoutingContext())
     raw = g["router.weight_ED"].abs().max().item()
     assert raw > 1e-3, "the task loss reaches the router through raw gates"
     if top_k == 1:  # renormalised top-1 gates are p/p = 1: no task gradient for the router (rounding only)
-        renormalised = make_layer("smoe", top_k=1, balance_coef=0.0)
-        renormalised.cfg.z_loss_coef = 0.0
+        renormalised = make_layer("smoe", top_k=1, balance_coef=0.0, z_loss_coef=0.0)
         _, g = compare(renormalised, RoutingContext())
         assert g["router.weight_ED"] is None or g["router.weight_ED"].abs().max().item() < 1e-6 * raw
 

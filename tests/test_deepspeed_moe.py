@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from competesmoe.parallel.ranks import free_port
+from competesmoe.common.net import free_port
 
 D, FH, E, C = 4, 3, 4, 2  # d_model, expert hidden, global experts, tokens per (rank, expert)
 T = E * C  # tokens per rank

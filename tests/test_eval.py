@@ -41,7 +41,7 @@ def eval_json(*args) -> dict:
 def reference_loss(run: Path, tokens: np.ndarray, top_k=None) -> tuple[float, int]:
     """Independent scoring: one window at a time, starts at multiples of seq_len, a shorter last window."""
     from competesmoe.launcher.evaluate import load_run
-    from competesmoe.moe.baselines import RoutingContext
+    from competesmoe.moe.routing import RoutingContext
 
     loaded = load_run(run)
     S = loaded.cfg.model.seq_len

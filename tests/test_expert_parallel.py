@@ -28,7 +28,7 @@ from torch import nn
 
 from competesmoe.parallel.ranks import RankFailed, RankTimeout, run_on_ranks
 
-from competesmoe.launcher.config import CompetitionConfig, MoEConfig
+from competesmoe.moe.config import CompetitionConfig, MoEConfig
 from competesmoe.moe.dispatch import weighted_scatter
 from competesmoe.moe.layer import MoELayer
 from competesmoe.parallel.expert_parallel import AllToAllDispatcher, group_token_index, local_expert_order

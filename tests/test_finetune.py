@@ -12,7 +12,7 @@ import pytest
 from test_train import competesmoe
 import torch
 
-from competesmoe.launcher.errors import UserError
+from competesmoe.common.errors import UserError
 from competesmoe.launcher.finetune import SequenceClassifier, read_tsv
 
 ROOT = Path(__file__).parents[1]
@@ -66,7 +66,7 @@ def test_tsv_format_and_errors(tmp_path):
 
 def test_padding_does_not_change_a_sentence_s_logits():
     """The body is causal: a sentence padded after its end gets the same pooled logits."""
-    from competesmoe.launcher.config import ModelConfig, MoEConfig
+    from competesmoe.moe.config import ModelConfig, MoEConfig
     from competesmoe.moe.model import TransformerLM
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from competesmoe.launcher.config import ModelConfig, MoEConfig
+from competesmoe.moe.config import ModelConfig, MoEConfig
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
 

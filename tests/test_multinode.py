@@ -355,7 +355,7 @@ def test_world_size_of_each_shape(tmp_path):
     ("# nothing\n\n", "lists no hosts"),
 ])
 def test_bad_hostfile(tmp_path, content, needle):
-    from competesmoe.launcher.errors import UserError
+    from competesmoe.common.errors import UserError
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text(content)
@@ -374,7 +374,7 @@ def test_bad_hostfile(tmp_path, content, needle):
     (dict(nproc=0), "--nproc (0) must be at least 1"),
 ])
 def test_inconsistent_options(kw, needle):
-    from competesmoe.launcher.errors import UserError
+    from competesmoe.common.errors import UserError
 
     with pytest.raises(UserError, match=re.escape(needle)):
         plan_of(**kw)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from competesmoe.launcher.config import ModelConfig, MoEConfig
+from competesmoe.moe.config import ModelConfig, MoEConfig
 from competesmoe.moe.model import TransformerLM
 from competesmoe.parallel.parallelize import apply_activation_checkpointing
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from competesmoe.launcher.config import CompetitionConfig, MoEConfig
+from competesmoe.moe.config import CompetitionConfig, MoEConfig
 from competesmoe.moe import routing
 from competesmoe.moe.layer import MoELayer, capacity_keep_mask
 

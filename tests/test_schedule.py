@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from competesmoe.launcher.config import CompetitionConfig
+from competesmoe.moe.config import CompetitionConfig
 from competesmoe.moe.schedule import CompetitionSchedule, _nearest_free_step, competition_plan
 
 

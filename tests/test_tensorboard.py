@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from competesmoe.launcher.metrics import MetricsWriter, expert_load_heatmap
-from competesmoe.parallel.ranks import free_port
+from competesmoe.common.net import free_port
 from test_train import ROOT
 
 EXPERTS, STEPS = 8, 12
