@@ -83,9 +83,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from competesmoe.launcher.config import load_config
 
     if args.command == "launch":
-        from competesmoe.launcher.launch import LaunchOptions, launch
-
         from competesmoe.launcher.config import validate_world
+        from competesmoe.launcher.launch import LaunchOptions, launch
 
         cfg = load_config(args.config, args.overrides)  # fail here, once, rather than in every rank
         opts = LaunchOptions(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,

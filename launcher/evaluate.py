@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from competesmoe.launcher.config import Config, ConfigError, load_config
 from competesmoe.common.errors import UserError
-from competesmoe.moe.routing import RoutingContext
+from competesmoe.launcher.config import Config, ConfigError, load_config
 from competesmoe.moe.model import TransformerLM
+from competesmoe.moe.routing import RoutingContext
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 SPLITS = ("all", "train", "valid", "test")

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.common.errors import UserError
-from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.model import TransformerLM
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
 
 

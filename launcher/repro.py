@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from competesmoe.launcher.config import Config, load_config
 from competesmoe.common.errors import UserError
 from competesmoe.data.meta import load_meta
+from competesmoe.launcher.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"

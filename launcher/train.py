@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from competesmoe.launcher import checkpoint
-from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.common.net import free_port
+from competesmoe.launcher import checkpoint
+from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
 from competesmoe.launcher.trainer import Trainer, pick_device
 from competesmoe.parallel.groups import build_groups

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.data.loader import TrainSampler, eval_batches
 from competesmoe.data.meta import load_meta
 from competesmoe.data.tokenizer import quality
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict
-from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.launcher.metrics import RoutingStats
-from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.model import TransformerLM
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
 from competesmoe.parallel import deepspeed_moe
 from competesmoe.parallel.groups import ParallelGroups

@@ -30,6 +30,7 @@ width, V vocabulary, B batch, S sequence.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from competesmoe.moe.config import MoEConfig
 from competesmoe.moe import baselines, routing
 from competesmoe.moe.baselines import RoutingContext, RoutingDecision
-from competesmoe.moe.dispatch import LocalDispatcher
+from competesmoe.moe.config import MoEConfig
+from competesmoe.moe.dispatch import LocalDispatcher, TokenDispatcher
 from competesmoe.moe.experts import GroupedExperts
 
 

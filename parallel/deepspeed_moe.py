@@ -49,14 +49,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import torch
-from torch import nn
-
 import deepspeed
 import deepspeed.comm as ds_dist
+import torch
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups as _ds_groups
+from torch import nn
 
 MARKER_ATTR = "_deepspeed_moe_marker"
 EXPERT_FILE_RE = re.compile(r"_ep(\d+)_of_(\d+)\.pt$")

@@ -14,7 +14,9 @@ from typing import Callable
 import pytest
 import torch.distributed
 
-from test_train import TINY, competesmoe
+from support import TINY, competesmoe
+
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
 QUICK = ["train.max_steps=2", "train.eval_every=0", "train.eval_batches=1", "model.d_model=64", "model.n_layers=2",
          "model.n_heads=2", "model.seq_len=64", "moe.expert_hidden=64", "train.micro_batch_size=2"]

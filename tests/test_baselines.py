@@ -14,10 +14,9 @@ from torch import nn
 
 from competesmoe.launcher.config import BaselineConfig, ConfigError, ModelConfig, MoEConfig, load_config
 from competesmoe.moe import baselines
-from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
-
+from competesmoe.moe.routing import RoutingContext
 from competesmoe.parallel.ranks import run_on_ranks
 
 D = 12

@@ -6,9 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+import pytest
+
+from support import ROOT
+
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
 HEADERS = [
     "1. router step forward+backward throughput",

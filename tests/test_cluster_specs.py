@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import ROOT
+from support import ROOT
 
 DOCKER = ROOT / "docker"
 IMAGE_ROOT = "/opt/competesmoe/"  # where the Dockerfiles put the project (WORKDIR + COPY)

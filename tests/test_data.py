@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from competesmoe.common.errors import UserError
+from competesmoe.data.config import DataConfig
 from competesmoe.data.loader import TrainSampler, eval_batches, split_tokens
 from competesmoe.data.meta import load_meta
 from competesmoe.data.prepare import bundled_corpus, prepare, read_corpus, resolve_corpus
 from competesmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
-from competesmoe.data.config import DataConfig
-from competesmoe.common.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 

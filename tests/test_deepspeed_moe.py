@@ -17,6 +17,8 @@ from torch import nn
 
 from competesmoe.common.net import free_port
 
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
+
 D, FH, E, C = 4, 3, 4, 2  # d_model, expert hidden, global experts, tokens per (rank, expert)
 T = E * C  # tokens per rank
 LR, MOMENTUM = 0.5, 0.9

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from test_train import ROOT
+from support import ROOT
 
 DOCKERFILES = sorted(p for p in (ROOT / "docker").glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
 

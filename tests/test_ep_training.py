@@ -5,11 +5,10 @@ import json
 
 import pytest
 
-from test_train import TINY, competesmoe, records
+from support import SMALL, TINY, competesmoe, records
 
-SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "moe.expert_hidden=128",
-         "train.micro_batch_size=4", "train.max_steps=30", "train.log_every=1", "train.eval_every=0",
-         "train.eval_batches=2", "moe.competition.rate=0.3", "moe.competition.warmup=0.0", "train.zero_stage=1"]
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
+
 
 
 def run_losses(tmp_path, world: int, ep: int, *extra: str) -> dict[int, float]:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import competesmoe
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+from support import ROOT, TINY, competesmoe
+
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "moe.num_experts=4",
          "moe.expert_hidden=32", "train.max_steps=6", "train.eval_every=0", "train.log_every=3",
          "train.eval_batches=2", "train.micro_batch_size=4", "train.checkpoint_every=0"]

@@ -26,13 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from competesmoe.parallel.ranks import RankFailed, RankTimeout, run_on_ranks
-
 from competesmoe.moe.config import CompetitionConfig, MoEConfig
 from competesmoe.moe.dispatch import weighted_scatter
 from competesmoe.moe.layer import MoELayer
 from competesmoe.parallel.expert_parallel import AllToAllDispatcher, group_token_index, local_expert_order
 from competesmoe.parallel.groups import ParallelGroups
+from competesmoe.parallel.ranks import RankFailed, RankTimeout, run_on_ranks
 
 D_MODEL, HIDDEN = 16, 32
 ATOL = RTOL = 1e-5

@@ -9,14 +9,13 @@ import random
 from pathlib import Path
 
 import pytest
-from test_train import competesmoe
 import torch
 
 from competesmoe.common.errors import UserError
 from competesmoe.launcher.finetune import SequenceClassifier, read_tsv
+from support import TINY, competesmoe
 
-ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=48", "moe.num_experts=4",
          "moe.expert_hidden=32", "train.max_steps=8", "train.eval_every=0", "train.log_every=4",
          "train.eval_batches=2", "train.micro_batch_size=4", "train.checkpoint_every=0"]

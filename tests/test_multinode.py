@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from test_ep_training import SMALL
-from test_train import ROOT, TINY, competesmoe, records
+from support import ROOT, SMALL, TINY, competesmoe, records
+
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
 STEPS = 20
 SUBNET = "10.213.57"  # only ever inside the namespaces made here

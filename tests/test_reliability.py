@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_ep_training import SMALL
-from test_train import ROOT, TINY, competesmoe, records
+from support import ROOT, SMALL, TINY, competesmoe, records
+
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
 STEPS = ["train.max_steps=16", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
 BF16_TOLERANCE = 5e-3

@@ -6,14 +6,12 @@ import os
 import subprocess
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
 from competesmoe.launcher import repro
 from competesmoe.launcher.config import load_config
-
-ROOT = Path(__file__).parents[1]
+from support import ROOT
 
 
 def competesmoe(*args, timeout=900) -> subprocess.CompletedProcess:
@@ -86,6 +84,7 @@ def test_bad_method_is_one_line():
     assert result.returncode == 2 and "unknown method 'gshrad'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_tiny_grid_end_to_end_and_resume(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     common = ["repro", "--quick", "--steps", "12", "--methods", "gshard", "dense", "competesmoe",

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from competesmoe.moe.config import CompetitionConfig, MoEConfig
 from competesmoe.moe import routing
+from competesmoe.moe.config import CompetitionConfig, MoEConfig
 from competesmoe.moe.layer import MoELayer, capacity_keep_mask
 
 D = 12

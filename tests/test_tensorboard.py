@@ -17,9 +17,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from competesmoe.launcher.metrics import MetricsWriter, expert_load_heatmap
 from competesmoe.common.net import free_port
-from test_train import ROOT
+from competesmoe.launcher.metrics import MetricsWriter, expert_load_heatmap
+from support import ROOT
 
 EXPERTS, STEPS = 8, 12
 
@@ -63,6 +63,7 @@ def test_heatmap_shows_collapse_at_a_glance():
     assert brightness[0] > 150 and brightness[1:].max() < 80  # one bright row on dark
 
 
+@pytest.mark.slow
 def test_serves_scalars_and_heatmaps_on_loopback(tmp_path):
     runs = {"balanced": write_run(tmp_path / "balanced", False), "collapsed": write_run(tmp_path / "collapsed", True)}
     port = free_port()

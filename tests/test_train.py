@@ -1,27 +1,13 @@
 """End to end through the real command line: a short run whose loss falls, monitoring output,
 exact resume, the launchers, and bad input that gets a one-line error."""
 
-import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
-FAST = ["train.eval_every=0", "train.log_every=1", "train.eval_batches=2"]
+from support import FAST, TINY, competesmoe, losses, records
 
-
-def competesmoe(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def records(run_dir: Path, split: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
 
 def test_short_run_loss_falls_and_is_monitored(tmp_path):
@@ -51,10 +37,6 @@ def test_short_run_loss_falls_and_is_monitored(tmp_path):
         assert tag in tags["scalars"], tag
     assert "moe/layer0/expert_fraction" in tags["histograms"]
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "latest").exists()
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir, "train")}
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
