@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=40")
 
+    remote = sub.add_parser("remote-train", help=argparse.SUPPRESS)  # what `launch --hostfile` runs on each host
+    remote.add_argument("token", help="the train arguments and working directory, as `competesmoe launch` encoded them")
+
     prepare = sub.add_parser("prepare", help="tokenize a raw text file into indexed train/valid/test splits")
     prepare.add_argument("config")
     prepare.add_argument("overrides", nargs="*")
@@ -92,6 +95,16 @@ def dispatch(args: argparse.Namespace) -> int:
                              no_ssh=args.no_ssh, ifname=args.ifname, local_addr=args.local_addr,
                              rdzv_id=args.rdzv_id, threads=args.threads, dry_run=args.dry_run)
         return launch(opts, [args.config, *args.overrides], validate=lambda world: validate_world(cfg, world))
+    if args.command == "remote-train":
+        from competesmoe.launcher.launch import decode_train_args
+
+        cwd, train_args = decode_train_args(args.token)
+        try:
+            os.chdir(cwd)
+        except OSError as err:
+            raise UserError(f"working directory {cwd} does not exist on this host ({err.strerror}); `launch "
+                            f"--hostfile` needs the same paths on every host (a shared file system)") from None
+        args = build_parser().parse_args(["train", *train_args])
     if args.command == "tensorboard":
         from competesmoe.launcher.tensorboard import serve
 

@@ -5,6 +5,9 @@ Four shapes, one entry point (`python -m competesmoe.launcher.cli train CONFIG o
 - one host (default): the deepspeed launcher, or torchrun, on `--nproc` local ranks.
 - deepspeed over ssh: `--hostfile F` (DeepSpeed's format, `host slots=N`); run once, on the first
   host; DeepSpeed's runner starts every host through pdsh. Each host is checked over ssh first.
+  pdsh hands the remote side one shell command line that DeepSpeed joins from our arguments without
+  quoting them, so the `train` arguments and the working directory travel as one shell-inert token
+  (`remote-train TOKEN`: base64url of JSON) and arrive byte for byte; the runner itself runs from `/`.
 - deepspeed per node: `--no-ssh --node-rank R` (with `--hostfile F`, or `--nnodes K`); run on every
   node with its own rank.
 - torchrun with rendezvous: `--launcher torchrun --nnodes K --master-addr A`; run on every node
@@ -17,8 +20,10 @@ interfaces, unresolvable or unroutable masters and hosts ssh cannot reach stop w
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -41,6 +46,12 @@ TRAIN_MODULE = "competesmoe.launcher.cli"
 DEFAULT_MULTINODE_PORT = 29500
 SSH_TIMEOUT = 10  # seconds per host for the reachability check
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")  # DeepSpeed's format, stricter
+HOSTNAME = re.compile(r"^[A-Za-z0-9._:-]+$")  # names and IPv4/IPv6 addresses; nothing a remote shell reads
+REMOTE_TRAIN = "remote-train"
+DEEPSPEED_EXPORTED = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+"""Prefixes of the variables DeepSpeed's runner exports to pdsh hosts by itself (runner.EXPORT_ENVS + CUDA's)."""
+UNSAFE_IN_DOUBLE_QUOTES = re.compile(r'["$`\\\n]')
+"""What DeepSpeed's export quoting ("value") would let a remote shell interpret."""
 
 
 @dataclass
@@ -73,10 +84,12 @@ class Plan:
     node_rank: int | None = None
     world_size: int | None = None
     listen_port: int | None = None  # a port this host must be able to listen on (its rendezvous)
+    cwd: str | None = None  # where the command runs (None: here)
 
     def shell(self) -> str:
         prefix = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
-        return " ".join(prefix + [shlex.join(self.command)])
+        line = " ".join(prefix + [shlex.join(self.command)])
+        return f"(cd {shlex.quote(self.cwd)} && {line})" if self.cwd else line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +110,9 @@ def parse_hostfile(path: str) -> "OrderedDict[str, int]":
         if not match:
             raise UserError(f"hostfile {path} line {number}: expected 'HOSTNAME slots=N', got {line!r}")
         host, slots = match.group(1), int(match.group(2))
+        if not HOSTNAME.match(host):
+            raise UserError(f"hostfile {path} line {number}: host {host!r} is not a host name or address "
+                            f"(letters, digits, '.', '-', ':' only)")
         if slots < 1:
             raise UserError(f"hostfile {path} line {number}: {host} has slots={slots}; it needs at least 1")
         if host in hosts:
@@ -215,28 +231,61 @@ def plan(opts: LaunchOptions, train_args: list[str], workdir: str | None = None)
         raise UserError(f"--nnodes {nnodes} with the deepspeed launcher needs --hostfile (ssh/pdsh) "
                         f"or --no-ssh --node-rank R on every node")
     master = opts.master_addr or next(iter(hosts))
+    if not HOSTNAME.match(master):
+        raise UserError(f"--master-addr {master!r} is not a host name or address (letters, digits, '.', '-', ':')")
+    if " " in sys.executable:
+        raise UserError(f"this Python ({sys.executable}) lies under a path with a space, which DeepSpeed's pdsh "
+                        f"launcher cannot start on the other hosts; install the environment under a path without "
+                        f"spaces, or launch with --no-ssh --node-rank R on every host")
     # pdsh exports only a few variable families to the remote shells; DS_ENV_FILE lists ours, and puts
     # this Python's bin/ first on the remote PATH (the venv's ninja, compilers' wrappers, deepspeed).
     env_file = os.path.join(workdir, "deepspeed_env")
     bindir = os.path.dirname(sys.executable)
     files[env_file] = _deepspeed_env_file({**env, "PATH": f"{bindir}:$PATH"})
-    command = base + ["--hostfile", opts.hostfile, "--launcher", "pdsh", "--no_ssh_check",
+    command = base + ["--hostfile", os.path.abspath(opts.hostfile), "--launcher", "pdsh", "--no_ssh_check",
                       "--master_addr", master, "--master_port", str(port)]
     if opts.nproc:
         command += ["--num_gpus", str(opts.nproc)]
     # one host: DeepSpeed starts it locally, without pdsh, so there is nothing to reach over ssh
     world = len(hosts) * opts.nproc if opts.nproc else sum(hosts.values())
-    return Plan("ssh", command + tail, {"DS_ENV_FILE": env_file, **env}, files,
-                ssh_hosts=list(hosts) if len(hosts) > 1 else [], master_addr=master, world_size=world)
+    remote_tail = ["--no_local_rank", "--module", TRAIN_MODULE, REMOTE_TRAIN, encode_train_args(train_args)]
+    return Plan("ssh", command + remote_tail, {"DS_ENV_FILE": env_file, **env}, files,
+                ssh_hosts=list(hosts) if len(hosts) > 1 else [], master_addr=master, world_size=world, cwd="/")
+
+
+def encode_train_args(train_args: list[str], cwd: str | None = None) -> str:
+    """The `train` arguments and the working directory as one token a shell leaves alone ([A-Za-z0-9_=-])."""
+    payload = {"cwd": cwd or os.getcwd(), "argv": list(train_args)}
+    return base64.urlsafe_b64encode(json.dumps(payload, ensure_ascii=False).encode("utf-8")).decode("ascii")
+
+
+def decode_train_args(token: str) -> tuple[str, list[str]]:
+    """(working directory, train arguments) from `encode_train_args`'s token."""
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8"))
+        return str(payload["cwd"]), [str(a) for a in payload["argv"]]
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        raise UserError(f"{REMOTE_TRAIN}: the argument is not a token made by `competesmoe launch`") from None
 
 
 def _deepspeed_env_file(env: dict[str, str]) -> str:
-    """Our variables after the user's own ~/.deepspeed_env and ./.deepspeed_env (which DS_ENV_FILE hides)."""
+    """Our variables after the user's own ~/.deepspeed_env and ./.deepspeed_env (which DS_ENV_FILE hides).
+
+    DeepSpeed writes each as `export KEY="VALUE";` into the remote command line, so a value with `"`, `$`,
+    a backquote, a backslash or a newline would be read by the remote shell: such values are refused (our PATH's
+    `$PATH` is the one meant to expand there)."""
     lines: list[str] = []
     for folder in (os.path.expanduser("~"), "."):
         user_file = Path(folder) / ".deepspeed_env"
         if user_file.is_file():
             lines += [line for line in user_file.read_text().splitlines() if "=" in line]
+    exported_by_deepspeed = {k: v for k, v in os.environ.items() if k.startswith(DEEPSPEED_EXPORTED)}
+    for key, value in {**exported_by_deepspeed, **env}.items():
+        shown = value[:-len(":$PATH")] if key == "PATH" and value.endswith(":$PATH") else value
+        if UNSAFE_IN_DOUBLE_QUOTES.search(shown):
+            raise UserError(f"environment variable {key}={shown!r} cannot reach the other hosts intact (DeepSpeed's "
+                            f"pdsh launcher passes it through a shell in double quotes); remove \", $, ` and \\ "
+                            f"from it, or launch with --no-ssh --node-rank R on every host")
     lines += [f"{k}={v}" for k, v in env.items()]
     return "\n".join(lines) + "\n"
 
@@ -339,12 +388,15 @@ def run_plan(p: Plan, opts: LaunchOptions, validate=None) -> int:
     print("+ " + p.shell(), flush=True)
     for path, content in p.files.items():
         print(f"# {path}: " + "; ".join(content.strip().splitlines()), flush=True)
+    if p.mode == "ssh":
+        cwd, train_args = decode_train_args(p.command[-1])
+        print(f"# {REMOTE_TRAIN} token = in {shlex.quote(cwd)}: competesmoe train {shlex.join(train_args)}", flush=True)
     if opts.dry_run:
         return 0
     preflight(p, opts)
     for path, content in p.files.items():
         Path(path).write_text(content)
-    return run_child(p.command, p.env)
+    return run_child(p.command, p.env, cwd=p.cwd)
 
 
 def launch(opts: LaunchOptions, train_args: list[str], validate=None) -> int:

@@ -99,8 +99,8 @@ class Hosts:
             sh("ip", "-n", ns, "link", "set", IFNAME, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
 
-    def start(self, node: int, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *cmd], cwd=ROOT,
+    def start(self, node: int, cmd: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *cmd], cwd=cwd,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.procs.append(proc)
@@ -260,17 +260,28 @@ def ssh_hosts(hosts, tmp_path_factory):
         shutil.rmtree("/run/sshd", ignore_errors=True)
 
 
+ODD = "; $(touch PWNED) 'q' \"d\" `touch PWNED` $HOME é 日本"
+"""Text a shell would act on (;, $( ), quotes, backquotes, $VAR) plus spaces and unicode."""
+
+
 def test_deepspeed_pdsh_two_hosts(hosts, ssh_hosts, tmp_path, data_dir, one_host):
+    """Over pdsh, from a working directory with a space, with a relative config path and an output_dir full of
+    shell syntax: each reaches the other host byte for byte, nothing in them runs."""
     conf, env = ssh_hosts
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text(f"# two namespaces\n{ADDRS[0]} slots=2\n{ADDRS[1]} slots=2\n")
-    run, log = tmp_path / "run", tmp_path / "launcher.log"
-    proc = hosts.start(0, launch_cmd("--hostfile", str(hostfile), "--master-port", "29511", "--ifname", IFNAME,
-                                     TINY, f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB), log, env)
+    work = tmp_path / "work dir"
+    config = Path(f"conf{ODD}") / "tiny cpu.yaml"
+    (work / config.parent).mkdir(parents=True)
+    shutil.copy(TINY, work / config)
+    (work / "hostfile").write_text(f"# two namespaces\n{ADDRS[0]} slots=2\n{ADDRS[1]} slots=2\n")
+    run, log = tmp_path / f"run{ODD}", tmp_path / "launcher.log"
+    proc = hosts.start(0, launch_cmd("--hostfile", "hostfile", "--master-port", "29511", "--ifname", IFNAME,
+                                     str(config), f"output_dir={run}", f"data.prepared_dir={data_dir}", *JOB),
+                       log, env, cwd=work)
     wait_all([proc], [log])
     first = log.read_text().splitlines()[0]
     assert "--launcher pdsh" in first and "DS_ENV_FILE=" in first, first
-    assert_equal_curves(losses(run), one_host)
+    assert_equal_curves(losses(run), one_host)  # the run dir of exactly that name holds the job's metrics
+    assert not [p for p in (tmp_path, work, ROOT, Path("/"), Path.home()) if (p / "PWNED").exists()]
 
 
 def test_unreachable_host_fails_early(hosts, ssh_hosts, tmp_path):
