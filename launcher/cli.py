@@ -1,12 +1,20 @@
-"""The `competesmoe` command: train, prepare, launch, tensorboard, repro, eval, finetune. User errors print one line and exit 2."""
+"""The `competesmoe` command: train, prepare, launch, tensorboard, eval, export, and the commands registered
+under the `competesmoe.commands` entry points (the experiments: bench, repro, finetune). User errors print one line and
+exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from importlib.metadata import entry_points
 
 from competesmoe.common.errors import UserError
+
+COMMANDS_GROUP = "competesmoe.commands"
+"""Entry-point group of the sub-commands other packages add (pyproject.toml). Each entry is a function
+`add_command(subparsers)` that adds one sub-parser and sets its default `run_command` to the function that
+runs the parsed arguments and returns the exit status. `pip install -e .` refreshes the entries."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,28 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--port", type=int, default=6006)
     board.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
-    from competesmoe.launcher import evaluate, repro
+    from competesmoe.launcher import evaluate
 
-    repro_parser = sub.add_parser("repro", help="the papers' comparison: a (method x seed) grid, results.md and figures",
-                                  description=repro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    repro.add_arguments(repro_parser)
     eval_parser = sub.add_parser("eval", help="BPC / perplexity of a checkpoint on any raw text file",
                                  description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
-    from competesmoe.launcher import finetune
-
-    finetune_parser = sub.add_parser("finetune", help="a classification head on a checkpoint, trained on SST-2-format TSV",
-                                     description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    finetune.add_arguments(finetune_parser)
-
-    from competesmoe.launcher import bench
-
-    bench.add_arguments(sub.add_parser("bench", help="benchmarks: `bench moe-layer` (ours vs DeepSpeed-MoE)"))
 
     export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
     export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
     export.add_argument("out", help="output .safetensors file (must not exist)")
+    add_registered_commands(sub)
     return parser
+
+
+def add_registered_commands(sub) -> None:
+    """The sub-commands of the `competesmoe.commands` entry points, by name. One that fails to load is left
+    out with a warning: the built-in commands (a training rank among them) must not depend on it."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            add_command = entry.load()
+        except Exception as err:  # a stale or broken install: say so, keep the rest usable
+            print(f"competesmoe: warning: command {entry.name!r} ({entry.value}) did not load: {err}; "
+                  f"reinstall the package (pip install -e .)", file=sys.stderr)
+            continue
+        add_command(sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -109,22 +119,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher.tensorboard import serve
 
         return serve(args.run_dirs, host=args.host, port=args.port, dry_run=args.dry_run)
-    if args.command == "repro":
-        from competesmoe.launcher import repro
-
-        return repro.main(args)
+    if getattr(args, "run_command", None) is not None:  # a registered command (add_registered_commands)
+        return args.run_command(args)
     if args.command == "eval":
         from competesmoe.launcher import evaluate
 
         return evaluate.main(args)
-    if args.command == "finetune":
-        from competesmoe.launcher import finetune
-
-        return finetune.main(args)
-    if args.command == "bench":
-        from competesmoe.launcher import bench
-
-        return bench.run(args)
     if args.command == "export":
         return export_checkpoint(args.checkpoint, args.out)
     cfg = load_config(args.config, args.overrides)

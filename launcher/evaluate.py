@@ -1,4 +1,4 @@
-"""`competesmoe eval`: a trained checkpoint on any raw text, plus the routing analyses `repro` draws.
+"""`competesmoe eval`: a trained checkpoint on any raw text.
 
     competesmoe eval RUN_DIR --text FILE [--split all|train|valid|test] [--top-k K] [--batch-size N]
 
@@ -14,7 +14,7 @@ The model is rebuilt in this process on the CPU (no DeepSpeed engine, any EP siz
 the DeepSpeed model file plus the per-EP-rank expert files. Evaluation never competes; routing
 policies get the step the checkpoint was taken at (StableMoE's stage) and `--top-k` overrides K.
 
-Shape legend: B batch, S sequence, T tokens, D d_model, E experts, G tokens every expert answers.
+Shape legend: B batch, S sequence, V vocabulary.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from competesmoe.moe.routing import RoutingContext
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 SPLITS = ("all", "train", "valid", "test")
-ENTROPY_BINS = 40
-PROB_BINS = 40
 
 
 @dataclass
@@ -183,91 +181,6 @@ def format_result(r: dict) -> str:
     figure = f"bpc {r['bpc']:.4f}" if "bpc" in r else f"ppl {r['ppl']:.3f} (bits per byte {r['bits_per_byte']:.4f})"
     return (f"{r['text']} [{r['split']}]: {r['bytes']:,} bytes, {r['tokens']:,} tokens, {r['predicted']:,} predicted; "
             f"checkpoint step {r['step']}, K {r['top_k']}: loss {r['loss']:.4f} nats/token, {figure}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Routing analyses (repro's figures): K at evaluation, router entropy, expert similarity.
-
-
-def split_batches(run: LoadedRun, split: str, num_batches: int) -> list:
-    """The trainer's evaluation batches of a prepared split (so K = moe.top_k repeats its figure)."""
-    from competesmoe.data.loader import eval_batches
-
-    return list(eval_batches(run.data_dir, split, run.cfg.model.seq_len, run.cfg.train.micro_batch_size, 0, 1,
-                             num_batches))
-
-
-def k_sweep(run: LoadedRun, batches: list, ks: list[int]) -> dict[int, float]:
-    """Mean loss (nats/token) with K experts per token at evaluation, for each K."""
-    out = {}
-    for k in ks:
-        nats, count = score(run.model, batches, run.context(k))
-        out[k] = nats / count
-    return out
-
-
-def expert_similarity(outputs_EGD: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the cosine similarity between two experts' outputs on the same token: [E, E]."""
-    unit_EGD = F.normalize(outputs_EGD.float(), dim=-1)
-    return torch.einsum("egd,fgd->ef", unit_EGD, unit_EGD) / outputs_EGD.shape[1]
-
-
-@torch.no_grad()
-def routing_analysis(run: LoadedRun, batches: list) -> list[dict]:
-    """Per MoE layer, on the given batches: histograms of the per-token router entropy and top-1
-    probability, their means, and the expert-output similarity matrix (representation collapse)."""
-    model = run.model
-    layers = model.moe_layers
-    if not layers:
-        return []
-    E = run.cfg.moe.num_experts
-    acc = [{"entropy": np.zeros(ENTROPY_BINS), "top1": np.zeros(PROB_BINS), "entropy_sum": 0.0, "top1_sum": 0.0,
-            "tokens": 0, "similarity": torch.zeros(E, E), "sim_tokens": 0} for _ in layers]
-
-    def hook_for(index):
-        def hook(layer, args, kwargs):
-            x_TD = args[0].reshape(-1, args[0].shape[-1])
-            ctx = kwargs.get("ctx") or RoutingContext()
-            probs_TE = layer.route(x_TD, ctx).probs_TE.float()
-            ent_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1)
-            top1_T = probs_TE.max(-1).values
-            a = acc[index]
-            a["entropy"] += np.histogram(ent_T.numpy(), bins=ENTROPY_BINS, range=(0.0, math.log(E)))[0]
-            a["top1"] += np.histogram(top1_T.numpy(), bins=PROB_BINS, range=(0.0, 1.0))[0]
-            a["entropy_sum"] += ent_T.sum().item()
-            a["top1_sum"] += top1_T.sum().item()
-            a["tokens"] += x_TD.shape[0]
-            a["similarity"] += expert_similarity(layer.experts.forward_all(x_TD)) * x_TD.shape[0]
-            a["sim_tokens"] += x_TD.shape[0]
-        return hook
-
-    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.eval()
-        for inputs_BS, _ in batches:
-            model(inputs_BS, routing=run.context())
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = []
-    for a in acc:
-        sim = (a["similarity"] / max(a["sim_tokens"], 1)).numpy()
-        off = sim[~np.eye(E, dtype=bool)]
-        out.append({"entropy_hist": a["entropy"].tolist(), "top1_hist": a["top1"].tolist(),
-                    "entropy_mean": a["entropy_sum"] / max(a["tokens"], 1),
-                    "top1_mean": a["top1_sum"] / max(a["tokens"], 1),
-                    "max_entropy": math.log(E),
-                    "similarity": sim.round(5).tolist(), "similarity_mean": float(off.mean()) if off.size else 0.0})
-    return out
-
-
-def parameter_counts(run: LoadedRun) -> dict:
-    """Total parameters and the parameters one token uses (K of the E experts per MoE layer)."""
-    model, moe = run.model, run.cfg.moe
-    total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for layer in model.moe_layers for p in layer.experts.parameters())
-    active = total - expert + expert * moe.top_k // moe.num_experts
-    return {"total": total, "active": active}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def test_k_override_out_of_range_is_refused():
 
 
 def test_dense_baseline_has_the_active_parameters_of_top_k_experts():
-    from competesmoe.launcher.repro import method_overrides
+    from competesmoe.experiments.repro.grid import method_overrides
 
     base = load_config("configs/tiny-cpu.yaml")
     dense = load_config("configs/tiny-cpu.yaml", method_overrides("dense", base))

@@ -1,15 +1,13 @@
-"""Smoke test of `python -m competesmoe.launcher.bench moe-layer --quick`: it runs on 2 gloo ranks,
-exits 0 and prints every table with a ours/DeepSpeed ratio for EP 1 and EP 2. No timing assertions."""
+"""Smoke test of `competesmoe bench moe-layer --quick`: it runs on 2 gloo ranks, exits 0 and prints every
+table with a ours/DeepSpeed ratio for EP 1 and EP 2, and a summary of measured ratios without thresholds
+or verdicts (the targets live in docs/benchmarks.md). No timing assertions."""
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from support import ROOT
+from support import ROOT, competesmoe
 
 pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
@@ -19,14 +17,14 @@ HEADERS = [
     "3. competition step vs router step and vs its floor",
     "4. bytes sent to other ranks per fwd+bwd step",
     "5. peak memory of one fwd+bwd step",
-    "targets:",
+    "summary (measured ratios",
 ]
+RATIO = r"\d+\.\d+x"
+CELLS = r"K 1 EP 1 {v}, K 2 EP 1 {v}, K 1 EP 2 {v}, K 2 EP 2 {v}"
 
 
 def test_quick_benchmark_prints_every_table_and_a_ratio_per_ep_size():
-    result = subprocess.run([sys.executable, "-m", "competesmoe.launcher.bench", "moe-layer", "--quick"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = competesmoe("bench", "moe-layer", "--quick", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("machine: ") and "torch intra-op thread" in out
@@ -38,13 +36,21 @@ def test_quick_benchmark_prints_every_table_and_a_ratio_per_ep_size():
                                                           r"\d+\.\d+x", table1, re.M)}
     assert ratios == {(1, 1), (2, 1), (1, 2), (2, 2)}, table1
     assert "errors (variant dropped)" not in out, out
-    for target in ("DeepSpeed tokens/s at K 1", "DeepSpeed tokens/s at K 2", "of the dense matmul rate",
-                   "its floor", "peak memory <="):
-        assert re.search(re.escape(target) + r".*-> (not )?reached", out), target
+    summary = out.split(HEADERS[-1], 1)[1]
+    for line in (rf"ours / DeepSpeed tokens/s at K 1: EP 1 {RATIO}, EP 2 {RATIO}",
+                 rf"ours / DeepSpeed tokens/s at K 2: EP 1 {RATIO}, EP 2 {RATIO}",
+                 r"expert work / dense matmul rate: " + CELLS.format(v=r"\d+%"),
+                 r"competition step / its floor: .*; best gather mode per cell: " + CELLS.format(v=RATIO),
+                 r"our peak memory / DeepSpeed's: " + CELLS.format(v=RATIO),
+                 r"with the experts recomputed: " + CELLS.format(v=RATIO)):
+        assert re.search(line, summary), line
+    # measured figures only: no thresholds, no verdicts (docs/benchmarks.md holds the targets)
+    assert "reached" not in out and not re.search(r"(>=|<=)\s*\d", out), summary
+    assert "docs/benchmarks.md" in summary and (ROOT / "docs" / "benchmarks.md").is_file()
 
 
 def test_bad_options_are_a_one_line_error(capsys):
-    from competesmoe.launcher import bench
+    from competesmoe.experiments.bench import cli as bench
 
     assert bench.main(["moe-layer", "--ep", "3"]) == 2
     assert "--ep 3 must divide" in capsys.readouterr().err

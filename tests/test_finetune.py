@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from competesmoe.common.errors import UserError
-from competesmoe.launcher.finetune import SequenceClassifier, read_tsv
+from competesmoe.experiments.finetune import SequenceClassifier, read_tsv
 from support import TINY, competesmoe
 
 pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
@@ -100,8 +100,8 @@ def test_finetune_learns_the_synthetic_task(pretrained, tmp_path):
 
 
 def test_linear_probe_leaves_the_body_untouched(pretrained, tmp_path):
+    from competesmoe.experiments.finetune import finetune
     from competesmoe.launcher.evaluate import load_run
-    from competesmoe.launcher.finetune import finetune
 
     run, data = pretrained
     before = {k: v.clone() for k, v in load_run(run).model.state_dict().items()}

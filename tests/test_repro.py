@@ -1,22 +1,18 @@
 """`competesmoe repro`: the grid (methods differ only in routing), a tiny end-to-end grid that writes
-results.md and four PNGs from real runs, resuming without re-running finished runs, and the ablations."""
+results.md and four PNGs from real runs, resuming without re-running finished runs, the ablations, outputs
+under the working directory, and the routing analyses against brute-force references."""
 
 import json
-import os
-import subprocess
-import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
+import torch
 
-from competesmoe.launcher import repro
+from competesmoe.experiments.repro import grid as repro
+from competesmoe.experiments.repro.report import verdict
 from competesmoe.launcher.config import load_config
-from support import ROOT
-
-
-def competesmoe(*args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+from support import competesmoe
 
 
 def args(**kw) -> Namespace:
@@ -74,13 +70,36 @@ def test_ablations_and_vary():
 
 
 def test_verdict_rule():
-    assert repro.verdict([1.0, 1.1], [1.5, 1.6]) == "won"
-    assert repro.verdict([1.5, 1.6], [1.0, 1.1]) == "lost"
-    assert repro.verdict([1.0, 1.4], [1.1, 1.5]) == "tied"
+    assert verdict([1.0, 1.1], [1.5, 1.6]) == "won"
+    assert verdict([1.5, 1.6], [1.0, 1.1]) == "lost"
+    assert verdict([1.0, 1.4], [1.1, 1.5]) == "tied"
+
+
+def test_outputs_default_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd()
+    quick = repro.build_grid(args(quick=True, runs_dir=None, out=None))
+    assert quick.runs_dir == here / "runs" / "repro" / "quick"
+    assert quick.out_dir == here / "results" / "repro" / "quick"
+    assert quick.runs[0].run_dir == quick.runs_dir / "switch" / "seed1" and quick.data_dir == quick.runs_dir / "data"
+    rate = repro.build_grid(args(quick=True, ablation="rate", runs_dir=None, out=None))
+    assert rate.out_dir == here / "results" / "repro" / "quick-rate"
+    assert repro.shown(rate.out_dir) == "results/repro/quick-rate" and repro.shown(here.parent) == str(here.parent)
+    chosen = repro.build_grid(args(quick=True, runs_dir="elsewhere/runs", out="docs/results/quick"))
+    assert chosen.runs_dir == here / "elsewhere" / "runs" and chosen.out_dir == here / "docs" / "results" / "quick"
+
+
+def test_expert_similarity_is_the_mean_cosine_over_tokens():
+    from competesmoe.experiments.repro.analysis import expert_similarity
+
+    outputs_EGD = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    want = torch.tensor([[sum(torch.nn.functional.cosine_similarity(outputs_EGD[e, g], outputs_EGD[f, g], dim=0)
+                              for g in range(5)) / 5 for f in range(3)] for e in range(3)])
+    torch.testing.assert_close(expert_similarity(outputs_EGD), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_method_is_one_line():
-    result = competesmoe("repro", "--methods", "gshrad", "--dry-run")
+    result = competesmoe("repro", "--methods", "gshrad", "--dry-run", timeout=900)
     assert result.returncode == 2 and "unknown method 'gshrad'" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -90,7 +109,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     common = ["repro", "--quick", "--steps", "12", "--methods", "gshard", "dense", "competesmoe",
               "--seeds", "1", "2", "--runs-dir", str(runs), "--out", str(out), "--no-progress",
               "--set", "train.eval_every=6", "--set", "moe.competition.rate=0.5", "--set", "train.eval_batches=2"]
-    result = competesmoe(*common, "--jobs", "2")  # two children at a time
+    result = competesmoe(*common, "--jobs", "2", timeout=900)  # two children at a time
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert "6 to run" in result.stdout
     text = (out / "results.md").read_text()
@@ -115,7 +134,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     # resume: nothing reruns; a removed result reruns alone
     stamp = (runs / "gshard" / "seed1" / "metrics.jsonl").stat().st_mtime_ns
     (runs / "dense" / "seed2" / "result.json").unlink()
-    again = competesmoe(*common)
+    again = competesmoe(*common, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "5 already finished, 1 to run" in again.stdout
     assert (runs / "gshard" / "seed1" / "metrics.jsonl").stat().st_mtime_ns == stamp

@@ -29,6 +29,7 @@ Shape legend: B batch, S sequence, D d_model, C classes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -153,16 +154,7 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
         raise UserError(f"--epochs ({epochs}) and --batch-size ({batch_size}) must be at least 1 and --lr ({lr}) positive")
     run = load_run(checkpoint)
     tokenizer = load_tokenizer(run.data_dir)
-    train, valid = read_tsv(train_file), read_tsv(valid_file)
-    test = read_tsv(test_file) if test_file else None
-    classes = num_classes or max(ex.label for ex in train) + 1
-    if classes < 2:
-        raise UserError(f"{train_file} has a single class (label 0 only); a classifier needs at least 2 (--num-classes)")
-    for name, data in (("valid", valid), ("test", test or [])):
-        bad = [ex.label for ex in data if ex.label >= classes]
-        if bad:
-            raise UserError(f"the {name} file has label {bad[0]} but the train file defines {classes} classes; "
-                            f"pass --num-classes")
+    train, valid, test, classes = _labelled_sets(train_file, valid_file, test_file, num_classes)
     max_len = run.cfg.model.seq_len
     enc_train, enc_valid = encode(train, tokenizer, max_len), encode(valid, tokenizer, max_len)
     enc_test = encode(test, tokenizer, max_len) if test else None
@@ -175,8 +167,7 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(enc_train) / batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * math.ceil(len(enc_train) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     schedule = CompetitionSchedule(run.cfg.moe.competition, seed, total, len(run.model.moe_layers),
@@ -219,6 +210,30 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
                 "checkpoint": str(run.tag_dir)}, out / "classifier.pt")
     result["out_dir"] = str(out)
     return result
+
+
+def _labelled_sets(train_file, valid_file, test_file, num_classes: int | None):
+    """The train, valid and (optional) test examples and the number of classes; a label outside the
+    train file's classes is a one-line error."""
+    train, valid = read_tsv(train_file), read_tsv(valid_file)
+    test = read_tsv(test_file) if test_file else None
+    classes = num_classes or max(ex.label for ex in train) + 1
+    if classes < 2:
+        raise UserError(f"{train_file} has a single class (label 0 only); a classifier needs at least 2 (--num-classes)")
+    for name, data in (("valid", valid), ("test", test or [])):
+        bad = [ex.label for ex in data if ex.label >= classes]
+        if bad:
+            raise UserError(f"the {name} file has label {bad[0]} but the train file defines {classes} classes; "
+                            f"pass --num-classes")
+    return train, valid, test, classes
+
+
+def add_command(subparsers) -> None:
+    """Entry point `competesmoe.commands: finetune`: add `competesmoe finetune` to the command's sub-parsers."""
+    parser = subparsers.add_parser("finetune", help="a classification head on a checkpoint, trained on SST-2-format TSV",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run_command=main)
 
 
 def add_arguments(parser) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from competesmoe.experiments.bench.cli import main
+
+sys.exit(main())

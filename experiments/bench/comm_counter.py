@@ -1,0 +1,83 @@
+"""The bytes a rank sends to the other ranks, per c10d collective, seen at dispatch level.
+
+A TorchDispatchMode sees every c10d collective of the ranks' steps however the caller reached it
+(torch.distributed, an early-bound alias, deepspeed.comm). The self chunk never crosses the wire;
+all_reduce is counted as a ring: 2 (P-1)/P of the tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CommCounter(TorchDispatchMode):
+    """Records (collective, bytes sent to other ranks) for every c10d op but barrier while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "c10d":
+            name = func._schema.name.split("::")[-1]
+            if name != "barrier":
+                self.calls.append((name, sent_bytes(name, args)))
+        return func(*args, **kwargs)
+
+    def total(self) -> int:
+        return sum(b for _, b in self.calls)
+
+    def summary(self) -> dict[str, tuple[int, int]]:
+        """collective -> (calls, bytes)"""
+        out: dict[str, tuple[int, int]] = {}
+        for name, b in self.calls:
+            n, t = out.get(name, (0, 0))
+            out[name] = (n + 1, t + b)
+        return out
+
+
+def sent_bytes(name: str, args) -> int:
+    """Bytes this rank sends to the other ranks of the group in the c10d op `name` called with `args`."""
+    pg = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+    if pg is None:
+        return 0
+    pg = dist.ProcessGroup.unbox(pg)
+    size, rank = pg.size(), pg.rank()
+    if size <= 1:
+        return 0
+    if name == "alltoall_base_":
+        return _alltoall_base_bytes(args[1], list(args[4]), size, rank)
+    if name == "alltoall_":
+        return sum(_nbytes(t) for i, t in enumerate(args[1]) if i != rank)
+    if name in ("_allgather_base_", "allgather_into_tensor_coalesced_", "allgather_"):
+        return sum(_nbytes(t) for t in _flat([args[1]])) * (size - 1)
+    if name in ("_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_"):
+        return sum(_nbytes(t) for t in _flat([args[1]])) - sum(_nbytes(t) for t in _flat([args[0]]))
+    if name == "allreduce_":
+        return 2 * (size - 1) * sum(_nbytes(t) for t in args[0]) // size
+    if name == "broadcast_":
+        return sum(_nbytes(t) for t in args[0]) * (size - 1) if args[2] == rank else 0
+    return 0
+
+
+def _alltoall_base_bytes(x: torch.Tensor, splits: list[int], size: int, rank: int) -> int:
+    """Rows sent to other ranks times the row size; even chunks when no splits are given."""
+    if not splits:
+        return _nbytes(x) * (size - 1) // size
+    row = _nbytes(x) // x.shape[0] if x.dim() and x.shape[0] else 0
+    return (sum(splits) - splits[rank]) * row
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _flat(ts):
+    for t in ts:
+        if isinstance(t, (list, tuple)):
+            yield from _flat(t)
+        else:
+            yield t
