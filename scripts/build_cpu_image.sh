@@ -80,8 +80,8 @@ phase "image: buildah bud docker/Dockerfile.cpu -> $IMAGE"
 t=$SECONDS
 ctx="$work/context"
 mkdir -p "$ctx"
-cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/moe" "$ROOT/parallel" "$ROOT/data" "$ROOT/launcher" \
-      "$ROOT/configs" "$ctx/"
+cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/common" "$ROOT/moe" "$ROOT/parallel" "$ROOT/data" \
+      "$ROOT/launcher" "$ROOT/experiments" "$ROOT/configs" "$ctx/"
 cp "$ROOT/docker/Dockerfile.cpu" "$work/Dockerfile"
 find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
 [ -d "$WHEELS" ] || mkdir -p "$work/no-wheels"

@@ -29,13 +29,26 @@ def test_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def package_folders() -> list[str]:
+    """The folders pyproject installs as competesmoe.* packages (package-dir): an image needs every one."""
+    import tomllib
+
+    return sorted(set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()))
+
+
+def test_the_image_script_copies_every_package_folder():
+    script = (ROOT / "scripts" / "build_cpu_image.sh").read_text()
+    for folder in package_folders():
+        assert f'"$ROOT/{folder}"' in script, folder
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_copies_existing_files_and_pins_versions(dockerfile):
     text = dockerfile.read_text()
     for sources in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.M):
         for source in sources.split():
             assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
-    for needed in ("pyproject.toml", "README.md", "moe/", "parallel/", "data/", "launcher/", "configs/"):
+    for needed in ("pyproject.toml", "README.md", *(f"{folder}/" for folder in package_folders())):
         assert f"!{needed}" in (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text(), needed
     base = re.search(r"^ARG (?:BASE|CUDA)_IMAGE=(\S+)$", text, re.M).group(1)
     assert ":" in base and not base.endswith(":latest"), base
