@@ -14,22 +14,31 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.moe.layer import MoEAux
+from competesmoe.moe.routing import WEIGHTED
 
 
 class RoutingStats:
-    """Sums each MoE layer's figures over the micro-batches of the steps since the last report."""
+    """Sums each MoE layer's figures over the micro-batches of the steps since the last report, on the
+    compute device (no host sync until `reduce`).
+
+    A weighted auxiliary loss term ('weighted_<term>', moe.routing.WEIGHTED) is kept as its share of the same
+    micro-batch's LM loss, '<term>_to_lm': how much of the training signal the term carries.
+    """
 
     def __init__(self):
         self.sums: list[dict[str, torch.Tensor]] = []
         self.counts: list[dict[str, int]] = []
 
-    def add(self, moe_aux: list[MoEAux]) -> None:
+    def add(self, moe_aux: list[MoEAux], lm_loss: torch.Tensor) -> None:
         if not self.sums:
             self.sums = [{} for _ in moe_aux]
             self.counts = [{} for _ in moe_aux]
+        lm_loss = lm_loss.detach().float()
         for sums, counts, aux in zip(self.sums, self.counts, moe_aux):
             for key, value in aux.stats.items():
-                value = value.detach().float().cpu()
+                value = value.detach().float()
+                if key.startswith(WEIGHTED):
+                    key, value = f"{key[len(WEIGHTED):]}_to_lm", value / lm_loss
                 sums[key] = sums[key] + value if key in sums else value.clone()
                 counts[key] = counts.get(key, 0) + 1
 

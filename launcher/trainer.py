@@ -150,7 +150,7 @@ class Trainer:
                 grad_norm = self._clip_zero0()
             self.engine.step()
             lm_loss_sum += out.lm_loss.detach().float().item()
-            self.routing_stats.add(out.moe_aux)
+            self.routing_stats.add(out.moe_aux, out.lm_loss)
         self.step += 1
         lm_loss = torch.tensor(lm_loss_sum / self.cfg.train.grad_accum)
         if dist.is_initialized():

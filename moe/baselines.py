@@ -1,13 +1,15 @@
 """The papers' baseline routing policies, beside the softmax router and the competition.
 
-Same model, same data, only the routing differs (../docs: competesmoe.md section 5). Each policy
+Same model, same data, only the routing differs (docs/competesmoe.md, section 6). Each policy
 only turns a layer's tokens into top-K expert indices and gate weights (a `RoutingDecision`); the
 MoE layer then dispatches them over whatever transport it has, so every policy works with expert
 parallelism unchanged.
 
   * XMoE (Chi et al. 2022): tokens are projected into a low-dimensional routing space and scored by
-    cosine similarity to learned expert embeddings, divided by a learnable temperature;
-    softmax, top-K, weights renormalised; Switch balance loss.
+    cosine similarity to learned expert embeddings, divided by a temperature (learned by default; fixed
+    as in the v2 code with moe.baseline.xmoe_learn_temperature=false); softmax, top-K, weights
+    renormalised (or, xmoe_gates=softmax_topk, a softmax over the top-K probabilities as the v2 code);
+    Switch balance loss.
   * StableMoE (Dai et al. 2022): stage 1 routes by s = x C^T (top-K, gate sigmoid(s)) with StableMoE's
     balance loss and distils the assignment into a lightweight router that sees only the token id
     (a small token embedding times distilled centroids); stage 2 routes with that distilled router,
@@ -17,6 +19,8 @@ parallelism unchanged.
 
 Switch / GShard are `router: smoe` with top_k 1 / 2 (moe/layer.py); the dense baseline is
 `model.layout: dense` with `model.dense_hidden = top_k * expert_hidden` (equal active parameters).
+The papers' own settings of these baselines (no balance loss in v1, v2's fixed-temperature XMoE) are
+named presets in moe/presets.py.
 
 Each policy is a module with the interface of `routing.SoftmaxRouter`: it returns a
 `routing.RoutingDecision`. What a policy needs from training (the step, for StableMoE's stage and
@@ -99,7 +103,11 @@ class XMoERouter(nn.Module):
         self.proj_RD = nn.Parameter(torch.empty(b.xmoe_dim, d_model))
         self.embed_ER = nn.Parameter(torch.empty(cfg.num_experts, b.xmoe_dim))
         # shape [1], not a 0-dim tensor: DeepSpeed's initial broadcast cannot view a 0-dim parameter
-        self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / b.xmoe_temperature)))
+        log_inv_temperature = torch.full((1,), math.log(1.0 / b.xmoe_temperature))
+        if b.xmoe_learn_temperature:
+            self.log_inv_temperature = nn.Parameter(log_inv_temperature)
+        else:  # the v2 code's fixed temperature: a buffer, saved with the model and never trained
+            self.register_buffer("log_inv_temperature", log_inv_temperature)
         nn.init.normal_(self.proj_RD, std=0.02)
         nn.init.orthogonal_(self.embed_ER, gain=0.32)
 
@@ -108,10 +116,14 @@ class XMoERouter(nn.Module):
         logits_TE = cosine_logits(x_TD, self.proj_RD, self.embed_ER, self.log_inv_temperature)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, experts_TK = routing.topk_renormalised(probs_TE, k)
+        if self.cfg.baseline.xmoe_gates == "softmax_topk":  # the v2 code's _keepTopk
+            weights_TK = torch.softmax(probs_TE.gather(1, experts_TK), dim=-1)
         balance = routing.switch_balance_loss(probs_TE, experts_TK)
         temperature = torch.exp(-self.log_inv_temperature.detach().float()).clamp(min=MIN_TEMPERATURE).reshape(())
-        return RoutingDecision(weights_TK, experts_TK, probs_TE, self.cfg.balance_coef * balance,
-                               {"balance_loss": balance.detach(), "temperature": temperature})
+        weighted = {"balance_loss": self.cfg.balance_coef * balance}
+        return RoutingDecision(weights_TK, experts_TK, probs_TE, weighted["balance_loss"],
+                               {"balance_loss": balance.detach(), "temperature": temperature,
+                                **routing.weighted_stats(weighted)})
 
 
 class StableMoERouter(nn.Module):
@@ -154,17 +166,20 @@ class StableMoERouter(nn.Module):
             distill = distillation_cross_entropy(self.distilled_logits(tokens_T), experts_TK)
             balance = stablemoe_balance_loss(scores_TE, experts_TK)
             probs_TE = torch.softmax(scores_TE, dim=-1)
-            loss = self.cfg.balance_coef * balance + b.stablemoe_distill_coef * distill
+            weighted = {"balance_loss": self.cfg.balance_coef * balance,
+                        "distill_loss": b.stablemoe_distill_coef * distill}
+            loss = sum(weighted.values())
         else:
             distilled_TE = self.distilled_logits(tokens_T).detach()
             experts_TK = distilled_TE.topk(k, dim=-1).indices
             probs_TE = torch.softmax(distilled_TE, dim=-1)
             distill = balance = zero
+            weighted = {"balance_loss": zero, "distill_loss": zero}
             loss = zero
         weights_TK = torch.sigmoid(scores_TE.gather(1, experts_TK))
         return RoutingDecision(weights_TK, experts_TK, probs_TE, loss,
                                {"balance_loss": balance.detach(), "distill_loss": distill.detach(),
-                                "stage": zero.new_tensor(float(stage))})
+                                "stage": zero.new_tensor(float(stage)), **routing.weighted_stats(weighted)})
 
 
 class RandomFrozenRouter(nn.Module):

@@ -6,6 +6,7 @@ and raises ConfigError naming the field.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,25 +51,46 @@ class ModelConfig:
 
 @dataclass
 class CompetitionConfig:
+    """The competition and its losses. Defaults: the authors' v2 code (Fsoft-AIC/CompeteSMoE,
+    moe_model/train/train.py, ModelArguments); docs/competesmoe.md names the source of every value."""
+
     rate: float = 0.05
-    """Probability that an MoE layer competes at an optimizer step after warm-up (v2 default 0.05)."""
+    """Probability that an MoE layer competes at an optimizer step after warm-up (v2 default 0.05; the v2 LM
+    sweep uses 0.07). variant v1 draws per forward instead: 1.0 = every forward, as the v1 scripts."""
     warmup: float = 0.05
     """Fraction of train.max_steps before the first competition step."""
     cap: int = 3
-    """At most this many layers compete in one step; extra draws move to the nearest free step."""
+    """At most this many layers compete in one step; extra draws move to the nearest free step (v2 plan only:
+    variant v1 draws per forward and has no cap)."""
     variant: Literal["v2", "v1"] = "v2"
-    """v2: weights = winners' affinities renormalised; v1: softmax over the winners' affinities,
-    and the schedule draws per forward (not per optimizer step)."""
+    """v2: weights = the winners' affinities renormalised, router target stopgrad softmax(s) over all E experts,
+    competition balance on the top-1 winner, one plan per optimizer step. v1 (the 2024 paper's regime): weights =
+    softmax over the winners' affinities, router target = softmax over the winners only (0 for the others) with the
+    gradient flowing through it into the experts, competition balance over all K winners, a draw per forward.
+    The v1 paper's settings: moe.competition.{affinity: l2_norm, rate: 1.0, warmup: 0.0, router_loss_coef: 0.05,
+    balance_coef: 0.05, diversity_coef: 0.0} (moe/presets.py 'competesmoe-v1', configs/switch-small-v1.yaml)."""
     affinity: Literal["softplus_mean", "l2_norm", "relu_mean", "sigmoid_mean"] = "softplus_mean"
     """The neural response s_j computed from expert output o_j."""
+    combine_gate: bool = False
+    """variant v1 only (the v1 code's --combine_gate): compete on 0.5 * s_j + 0.5 * g_j (g: the router's logits)
+    instead of s_j; winners, weights, target and balance all use the mixed score, so the router also gets task
+    gradient through the winners' weights."""
     router_loss_coef: float = 0.01
-    """Weight of MSE(p_R, stopgrad p_C), the router's distillation of the competition."""
-    hybrid_coef: float = 0.0
-    """Weight theta of the extra MSE term restricted to the K winners (0 disables)."""
+    """Weight of the router loss MSE(p_R, target) + hybrid_theta * MSE restricted to the K winners (the router's
+    distillation of the competition). v2 default 0.01; the v2 LM sweep uses 0.001; v1: 0.05 (alpha 5 x 0.01)."""
+    hybrid_theta: float = 0.0
+    """Relative weight theta of the winners-only MSE inside router_loss_coef: router loss = router_loss_coef *
+    (MSE over all E + theta * MSE over the K winners), as the v2 code's --hybrid/--router_theta (0 disables; the v2
+    LM sweep uses 0.2)."""
+    hybrid_coef: float | None = None
+    """Deprecated (old absolute weight of the winners-only MSE, added beside router_loss_coef): still read, and
+    turned into hybrid_theta = hybrid_coef / router_loss_coef at load, which keeps an old run's loss exactly."""
     diversity_coef: float = 0.01
-    """Weight of the mean pairwise cosine similarity among the winners' outputs."""
+    """Weight of the diversity loss: cosine similarity among each token's K winners' outputs, diagonal zeroed,
+    mean over all K x K entries (the v2 code's mean; 0 for K = 1). v2 default 0.01; the v2 LM code 0.005."""
     balance_coef: float = 0.01
-    """Weight of the Switch balance loss computed on p_C and the top-1 winner."""
+    """Weight of the Switch balance loss on p_C = softmax(s): over the top-1 winner (v2) or all K winners (v1).
+    v2 default 0.01; the v2 LM code 0.005; v1 0.05."""
     gather: Literal["scores", "outputs"] = "scores"
     """Expert-parallel transport of a competition step: all-gather per-token affinities (default,
     cheaper) or the literal variant that all-gathers the expert outputs themselves."""
@@ -77,8 +99,30 @@ class CompetitionConfig:
         check(0.0 <= self.rate <= 1.0, f"moe.competition.rate ({self.rate}) must be within [0, 1]")
         check(0.0 <= self.warmup <= 1.0, f"moe.competition.warmup ({self.warmup}) must be a fraction of steps within [0, 1]")
         check(self.cap >= 1, f"moe.competition.cap ({self.cap}) must be at least 1")
-        for name in ("router_loss_coef", "hybrid_coef", "diversity_coef", "balance_coef"):
+        check(not self.combine_gate or self.variant == "v1",
+              "moe.competition.combine_gate is the v1 regime's option; set moe.competition.variant=v1 or "
+              "combine_gate=false")
+        self._convert_hybrid_coef()
+        for name in ("router_loss_coef", "hybrid_theta", "diversity_coef", "balance_coef"):
             check(getattr(self, name) >= 0, f"moe.competition.{name} ({getattr(self, name)}) must not be negative")
+
+    def _convert_hybrid_coef(self) -> None:
+        """The deprecated absolute hybrid_coef becomes the relative hybrid_theta (same loss)."""
+        if self.hybrid_coef is None:
+            return
+        coef, self.hybrid_coef = self.hybrid_coef, None
+        if coef == 0.0:  # every resolved config before hybrid_theta held hybrid_coef: 0.0 (old checkpoints)
+            return
+        check(coef > 0, f"moe.competition.hybrid_coef ({coef}, deprecated) must not be negative")
+        check(self.hybrid_theta == 0.0,
+              "moe.competition.hybrid_coef (deprecated) and hybrid_theta are both set; keep only hybrid_theta")
+        check(self.router_loss_coef > 0,
+              f"moe.competition.hybrid_coef ({coef}, deprecated) needs router_loss_coef > 0 to become hybrid_theta; "
+              f"set hybrid_theta and router_loss_coef instead")
+        self.hybrid_theta = coef / self.router_loss_coef
+        warnings.warn(f"moe.competition.hybrid_coef is deprecated: read as hybrid_theta = {self.hybrid_theta:g} "
+                      f"(= hybrid_coef / router_loss_coef, the same loss); write hybrid_theta instead", FutureWarning,
+                      stacklevel=2)
 
 
 @dataclass
@@ -86,7 +130,13 @@ class BaselineConfig:
     xmoe_dim: int = 16
     """XMoE: dimension of the routing space that tokens are projected into (cosine to expert embeddings)."""
     xmoe_temperature: float = 0.5
-    """XMoE: initial value of the learnable temperature tau (logits = cosine / tau, tau kept >= 0.01)."""
+    """XMoE: temperature tau (logits = cosine / tau, tau kept >= 0.01): the initial value when learned, else fixed.
+    The v2 code's fixed 0.3 acts on cosines scaled by its expert-embedding norm 1.5, i.e. tau = 0.2 here."""
+    xmoe_learn_temperature: bool = True
+    """XMoE: learn tau (our default); false keeps it fixed at xmoe_temperature, as the v2 code."""
+    xmoe_gates: Literal["renormalised", "softmax_topk"] = "renormalised"
+    """XMoE gate weights: the top-K probabilities renormalised to sum to one (our default), or a softmax over the
+    top-K probabilities (the v2 code's _keepTopk)."""
     stablemoe_stage1: float = 0.1
     """StableMoE: fraction of train.max_steps in stage 1 (routing learned with its balance loss and
     distilled); from step floor(stablemoe_stage1 * max_steps) on, the distilled router is frozen."""
@@ -138,6 +188,11 @@ class MoEConfig:
     """Hidden width of each expert FFN."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Expert FFN: GELU MLP, or SwiGLU (gate and up projections)."""
+    expert_init: Literal["fan_in", "official_lm"] = "fan_in"
+    """Initial expert weights. 'fan_in' (default): w_in ~ N(0, 1/d_model), w_out ~ N(0, 1/expert_hidden).
+    'official_lm': the v2 LM code's (layers/moe/moe.py with relative_moe_transformer.py's scale sqrt(2/n_layers)):
+    w_in ~ N(0, 2/(n_layers d_model)), w_out ~ N(0, 2/(n_layers E expert_hidden)); its expert outputs start about
+    n_layers sqrt(E) / 2 times smaller (64x for configs/v2-pretrain.yaml), which changes what an affinity ranks."""
     router: RouterKind = "competesmoe"
     """Routing policy: softmax top-K ('smoe'; top_k 1 is Switch, 2 is GShard), CompeteSMoE (router steps
     plus competition steps), or a baseline of the papers (moe/baselines.py, settings in moe.baseline):

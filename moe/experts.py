@@ -26,13 +26,16 @@ class GroupedExperts(nn.Module):
     backward: each expert's is recomputed there, one expert at a time, so at most one is alive.
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu"):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu",
+                 init_stds: tuple[float, float] | None = None):
+        """init_stds: the standard deviations of w_in and w_out at init (`expert_init_stds`); None = fan-in."""
         super().__init__()
         self.activation = activation
         in_width = 2 * hidden if activation == "swiglu" else hidden
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.recompute_hidden = False
+        self.init_stds = init_stds or fan_in_stds(d_model, hidden)
         self.reset_parameters()
 
     @property
@@ -40,9 +43,9 @@ class GroupedExperts(nn.Module):
         return self.w_in_EDF.shape[0]
 
     def reset_parameters(self) -> None:
-        d_model, hidden = self.w_in_EDF.shape[1], self.w_out_EFD.shape[1]
-        nn.init.normal_(self.w_in_EDF, std=1.0 / math.sqrt(d_model))
-        nn.init.normal_(self.w_out_EFD, std=1.0 / math.sqrt(hidden))
+        std_in, std_out = self.init_stds
+        nn.init.normal_(self.w_in_EDF, std=std_in)
+        nn.init.normal_(self.w_out_EFD, std=std_out)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
@@ -76,6 +79,24 @@ class GroupedExperts(nn.Module):
         # E 8, G 4096, D 256, F 1024), and only one expert's hidden layer is ever being computed.
         return torch.stack([self._run_expert(x_GD, w_in_DF, w_out_FD)
                             for w_in_DF, w_out_FD in zip(self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0))])
+
+
+def expert_init_stds(cfg, d_model: int, n_layers: int) -> tuple[float, float]:
+    """Standard deviations of (w_in, w_out) at init for moe.expert_init (cfg: MoEConfig).
+
+    'fan_in': 1/sqrt(D) and 1/sqrt(F). 'official_lm': the v2 LM code's (Fsoft-AIC/CompeteSMoE, moe_pretrain_model:
+    layers/moe/moe.py keys/values with weight_scale = sqrt(2 / n_layers) from relative_moe_transformer.py):
+    sqrt(2/L)/sqrt(D) and sqrt(2/L)/sqrt(E F), E the layer's experts over all ranks.
+    """
+    if cfg.expert_init == "official_lm":
+        scale = math.sqrt(2.0 / n_layers)
+        return scale / math.sqrt(d_model), scale / math.sqrt(cfg.num_experts * cfg.expert_hidden)
+    return fan_in_stds(d_model, cfg.expert_hidden)
+
+
+def fan_in_stds(d_model: int, hidden: int) -> tuple[float, float]:
+    """1/sqrt(fan-in) for w_in (D inputs) and w_out (F inputs)."""
+    return 1.0 / math.sqrt(d_model), 1.0 / math.sqrt(hidden)
 
 
 class DenseFFN(nn.Module):

@@ -17,7 +17,7 @@ from competesmoe.moe import baselines, routing
 from competesmoe.moe.baselines import RoutingContext, RoutingDecision
 from competesmoe.moe.config import MoEConfig
 from competesmoe.moe.dispatch import LocalDispatcher, TokenDispatcher
-from competesmoe.moe.experts import GroupedExperts
+from competesmoe.moe.experts import GroupedExperts, expert_init_stds
 
 
 @dataclass
@@ -56,13 +56,16 @@ ROUTING_POLICIES = {
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, vocab_size: int = 0):
+    def __init__(self, cfg: MoEConfig, d_model: int, vocab_size: int = 0, n_layers: int = 1):
+        """vocab_size: StableMoE's distilled router routes on token ids; n_layers: the model's blocks
+        (moe.expert_init 'official_lm' scales the experts' initial weights by sqrt(2 / n_layers))."""
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.router = ROUTING_POLICIES[cfg.router](cfg, d_model, vocab_size)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
+                                      init_stds=expert_init_stds(cfg, d_model, n_layers))
         # The transport; `parallelize` swaps in an expert-parallel one and shards `experts`.
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
 
@@ -74,6 +77,7 @@ class MoELayer(nn.Module):
             y_TD, aux = self._competition_step(x_TD)
         else:
             y_TD, aux = self._router_step(x_TD, ctx if ctx is not None else RoutingContext())
+        aux.stats.update(routing.weighted_stats({"aux_loss": aux.loss}))
         return y_TD.view_as(x_BSD), aux
 
     # ------------------------------------------------------------------------------------------
@@ -108,10 +112,11 @@ class MoELayer(nn.Module):
         return y_TD, MoEAux(loss=decision.loss, stats=stats)
 
     def _competition_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """Every expert answers every token; the highest affinities win (spec section 2)."""
+        """Every expert answers every token; the highest affinities win (docs/competesmoe.md, section 3)."""
         comp = self.cfg.competition
-        # The router only learns from distillation here: no task gradient reaches it.
-        p_router_TE = self.router.probs(x_TD)
+        # The router only learns from the router loss here (and, v1 combine_gate, through the mixed score).
+        logits_TE = self.router.logits(x_TD)
+        p_router_TE = torch.softmax(logits_TE, dim=-1)
 
         x_GD, meta = self.dispatcher.gather_tokens(x_TD)
         outputs_eGD = self.experts.forward_all(x_GD)
@@ -120,26 +125,40 @@ class MoELayer(nn.Module):
         outputs_eGD, meta = self.dispatcher.gather_outputs(outputs_eGD, meta)
         scores_Ge = routing.AFFINITIES[comp.affinity](outputs_eGD.float()).transpose(0, 1)
         scores_TE = self.dispatcher.gather_scores(scores_Ge, meta)
+        if comp.combine_gate:
+            scores_TE = routing.combine_gate(scores_TE, logits_TE)
 
         top_scores_TK, winners_TK = scores_TE.topk(self.top_k, dim=-1)
         weights_TK = routing.competition_weights(top_scores_TK, comp.variant)
         outputs_TKD = self.dispatcher.gather_winners(outputs_eGD, winners_TK, meta)
         y_TD = (weights_TK.unsqueeze(-1).to(outputs_TKD.dtype) * outputs_TKD).sum(1).to(x_TD.dtype)
 
-        p_comp_TE = torch.softmax(scores_TE.float(), dim=-1)
-        distill = routing.router_distillation_loss(p_router_TE, p_comp_TE)
-        hybrid = routing.hybrid_loss(p_router_TE, p_comp_TE, winners_TK)
+        loss, stats = self._competition_losses(p_router_TE, scores_TE, winners_TK, outputs_TKD)
+        return y_TD, MoEAux(loss=loss, stats=stats)
+
+    def _competition_losses(self, p_router_TE, scores_TE, winners_TK, outputs_TKD):
+        """The competition's weighted auxiliary loss and its figures (docs/competesmoe.md, sections 3 and 7)."""
+        comp = self.cfg.competition
+        p_comp_TE = torch.softmax(scores_TE, dim=-1)
+        target_TE = routing.competition_target(p_comp_TE, scores_TE, winners_TK, comp.variant)
+        distill = routing.router_distillation_loss(p_router_TE, target_TE)
+        hybrid = routing.hybrid_loss(p_router_TE, target_TE, winners_TK)
         diversity = routing.diversity_loss(outputs_TKD)
-        balance = routing.switch_balance_loss(p_comp_TE, winners_TK[:, :1])
-        loss = (comp.router_loss_coef * distill + comp.hybrid_coef * hybrid
-                + comp.diversity_coef * diversity + comp.balance_coef * balance)
+        balance = routing.switch_balance_loss(p_comp_TE, routing.competition_balance_winners(winners_TK, comp.variant))
+        weighted = {"router_loss": comp.router_loss_coef * (distill + comp.hybrid_theta * hybrid),
+                    "diversity_loss": comp.diversity_coef * diversity,
+                    "competition_balance_loss": comp.balance_coef * balance}
 
         stats = self._common_stats(p_router_TE, winners_TK, competed=True)
-        router_choice_TK = p_router_TE.topk(self.top_k, dim=-1).indices
+        overlap = routing.topk_overlap(p_router_TE.topk(self.top_k, dim=-1).indices, winners_TK)
         stats.update(router_loss=distill.detach(), hybrid_loss=hybrid.detach(), diversity_loss=diversity.detach(),
-                     competition_balance_loss=balance.detach(),
-                     router_competition_overlap=routing.topk_overlap(router_choice_TK, winners_TK))
-        return y_TD, MoEAux(loss=loss, stats=stats)
+                     competition_balance_loss=balance.detach(), router_competition_overlap=overlap,
+                     # overlap / (K/E): 1 = the router agrees with the competition no more than chance does
+                     router_competition_overlap_vs_chance=overlap * (self.num_experts / self.top_k),
+                     competition_entropy_ratio=routing.entropy_ratio(p_comp_TE.detach()),
+                     expert_output_rms=routing.rms(outputs_TKD.detach()),
+                     **routing.weighted_stats(weighted))
+        return sum(weighted.values()), stats
 
     def _common_stats(self, probs_TE, chosen_TK, competed: bool) -> dict[str, torch.Tensor]:
         return {

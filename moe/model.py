@@ -78,7 +78,7 @@ class Block(nn.Module):
         self.norm_attn = nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.norm_ffn = nn.RMSNorm(cfg.d_model)
-        self.ffn = (MoELayer(moe_cfg, cfg.d_model, vocab_size) if use_moe
+        self.ffn = (MoELayer(moe_cfg, cfg.d_model, vocab_size, cfg.n_layers) if use_moe
                     else DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.dense_activation or moe_cfg.activation))
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -10,6 +10,7 @@ Shape legend: T tokens, E experts (global), K experts chosen per token, D d_mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,10 +74,6 @@ class SoftmaxRouter(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
         return x_TD.float() @ self.weight_ED.float().t()
 
-    def probs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """p_R = softmax(W x), no jitter (the competition step's distillation target side)."""
-        return torch.softmax(self.logits(x_TD), dim=-1)
-
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext, default_k: int, training: bool) -> RoutingDecision:
         logits_TE = self.logits(x_TD, self.jitter)
         probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -85,9 +82,19 @@ class SoftmaxRouter(nn.Module):
             weights_TK = probs_TE.gather(1, experts_TK)
         balance = switch_balance_loss(probs_TE, experts_TK)
         zloss = z_loss(logits_TE)
-        loss = self.balance_coef * balance + self.z_loss_coef * zloss
-        return RoutingDecision(weights_TK, experts_TK, probs_TE, loss,
-                               {"balance_loss": balance.detach(), "z_loss": zloss.detach()})
+        weighted = {"balance_loss": self.balance_coef * balance, "z_loss": self.z_loss_coef * zloss}
+        return RoutingDecision(weights_TK, experts_TK, probs_TE, sum(weighted.values()),
+                               {"balance_loss": balance.detach(), "z_loss": zloss.detach(), **weighted_stats(weighted)})
+
+
+WEIGHTED = "weighted_"
+"""Prefix of the stats that hold a weighted auxiliary loss term (coef * loss); the trainer's metrics report each as
+its share of the LM loss ('<term>_to_lm')."""
+
+
+def weighted_stats(weighted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{'weighted_<term>': coef * loss, detached} for the terms of an auxiliary loss."""
+    return {WEIGHTED + name: value.detach() for name, value in weighted.items()}
 
 
 def topk_renormalised(probs_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,27 +130,60 @@ def competition_weights(scores_TK: torch.Tensor, variant: str) -> torch.Tensor:
     return scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(1e-9)
 
 
-def router_distillation_loss(p_router_TE: torch.Tensor, p_comp_TE: torch.Tensor) -> torch.Tensor:
-    """MSE(p_R, stopgrad p_C), mean over tokens and experts: the router learns the competition."""
-    return F.mse_loss(p_router_TE, p_comp_TE.detach())
+def combine_gate(scores_TE: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+    """v1's --combine_gate: the competition ranks 0.5 * affinity + 0.5 * router logit."""
+    return 0.5 * scores_TE + 0.5 * logits_TE
 
 
-def hybrid_loss(p_router_TE: torch.Tensor, p_comp_TE: torch.Tensor, winners_TK: torch.Tensor) -> torch.Tensor:
-    """The same MSE restricted to the K winners of the competition."""
-    return F.mse_loss(p_router_TE.gather(1, winners_TK), p_comp_TE.detach().gather(1, winners_TK))
+def competition_target(p_comp_TE: torch.Tensor, scores_TE: torch.Tensor, winners_TK: torch.Tensor,
+                       variant: str) -> torch.Tensor:
+    """What the router learns on a competition step. v2: stopgrad p_C, p_C = softmax(s) over all E experts.
+    v1: softmax over the K winners' scores, 0 for the other experts, and not detached (the router loss also
+    trains the experts through it)."""
+    if variant == "v1":
+        losers_out_TE = torch.full_like(scores_TE, float("-inf"))
+        return torch.softmax(losers_out_TE.scatter(1, winners_TK, scores_TE.gather(1, winners_TK)), dim=-1)
+    return p_comp_TE.detach()
+
+
+def router_distillation_loss(p_router_TE: torch.Tensor, target_TE: torch.Tensor) -> torch.Tensor:
+    """MSE(p_R, target), mean over tokens and experts (the target comes from `competition_target`)."""
+    return F.mse_loss(p_router_TE, target_TE)
+
+
+def hybrid_loss(p_router_TE: torch.Tensor, target_TE: torch.Tensor, winners_TK: torch.Tensor) -> torch.Tensor:
+    """The same MSE restricted to the K winners of the competition, mean over tokens and winners."""
+    return F.mse_loss(p_router_TE.gather(1, winners_TK), target_TE.gather(1, winners_TK))
+
+
+def competition_balance_winners(winners_TK: torch.Tensor, variant: str) -> torch.Tensor:
+    """The assignments the competition's Switch balance loss counts: the top-1 winner (v2 code) or all K (v1 code)."""
+    return winners_TK if variant == "v1" else winners_TK[:, :1]
 
 
 def diversity_loss(outputs_TKD: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise cosine similarity among each token's K winners' outputs, diagonal excluded."""
+    """Cosine similarity among each token's K winners' outputs with the diagonal zeroed, mean over all T x K x K
+    entries (the v2 code's mean; (K-1)/K times the mean over pairs). 0 for K = 1."""
     k = outputs_TKD.shape[1]
     if k < 2:
-        return outputs_TKD.new_zeros(())
+        return outputs_TKD.new_zeros((), dtype=torch.float32)
     unit_TKD = F.normalize(outputs_TKD.float(), dim=-1)
     sim_TKK = unit_TKD @ unit_TKD.transpose(1, 2)
-    off_diagonal = sim_TKK.sum((1, 2)) - sim_TKK.diagonal(dim1=1, dim2=2).sum(-1)
-    return (off_diagonal / (k * (k - 1))).mean()
+    off_diagonal_T = sim_TKK.sum((1, 2)) - sim_TKK.diagonal(dim1=1, dim2=2).sum(-1)
+    return (off_diagonal_T / (k * k)).mean()
 
 
 def topk_overlap(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
     """Share of each token's K choices in `a` that also appear in `b`, averaged over tokens."""
     return (a_TK.unsqueeze(-1) == b_TK.unsqueeze(-2)).any(-1).float().mean()
+
+
+def entropy_ratio(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy over ln E: 1 = uniform (no preference among the experts), 0 = one expert certain."""
+    num_experts = probs_TE.shape[-1]
+    return entropy(probs_TE) / math.log(num_experts) if num_experts > 1 else probs_TE.new_zeros(())
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over every entry, in fp32 (0 for an empty tensor)."""
+    return (x.float().square().sum() / max(x.numel(), 1)).sqrt()

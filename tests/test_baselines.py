@@ -16,6 +16,7 @@ from competesmoe.launcher.config import BaselineConfig, ConfigError, ModelConfig
 from competesmoe.moe import baselines
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
+from competesmoe.moe.presets import preset_overrides
 from competesmoe.moe.routing import RoutingContext
 from competesmoe.parallel.ranks import run_on_ranks
 
@@ -73,8 +74,11 @@ def reference_xmoe(layer: MoELayer, x_TD, tokens_T, ctx):
             logits.append(dot(z, emb) / (torch.sqrt(dot(z, z)) * torch.sqrt(dot(emb, emb))) / tau)
         p = torch.softmax(torch.stack(logits), 0)
         win = top(p.tolist(), K)
-        total = sum(p[e] for e in win)
-        outputs.append(mix(layer, x_D, win, [p[e] / total for e in win]))
+        if cfg.baseline.xmoe_gates == "softmax_topk":  # the v2 code: softmax over the top-K probabilities
+            weights = torch.softmax(torch.stack([p[e] for e in win]), 0)
+        else:
+            weights = [p[e] / sum(p[e] for e in win) for e in win]
+        outputs.append(mix(layer, x_D, win, weights))
         probs.append(p)
         chosen.append(win)
     return torch.stack(outputs), cfg.balance_coef * switch_balance(probs, chosen, E)
@@ -187,6 +191,37 @@ def test_xmoe_matches_token_loop(top_k):
     assert g["router.log_inv_temperature"].abs().item() > 0, "the temperature is learned"
     assert g["router.proj_RD"].abs().sum() > 0 and g["router.embed_ER"].abs().sum() > 0
     assert aux.stats["temperature"].item() == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_xmoe_as_the_v2_code_matches_token_loop(top_k):
+    """Fixed temperature (a buffer, never trained) and a softmax over the top-K probabilities as weights."""
+    layer = make_layer("xmoe", top_k=top_k, xmoe_dim=3, xmoe_temperature=0.2, xmoe_learn_temperature=False,
+                       xmoe_gates="softmax_topk")
+    aux, g = compare(layer, RoutingContext())
+    assert "router.log_inv_temperature" not in g and "router.log_inv_temperature" in layer.state_dict()
+    assert aux.stats["temperature"].item() == pytest.approx(0.2)
+    assert g["router.proj_RD"].abs().sum() > 0
+
+
+def test_xmoe_v2_preset_matches_token_loop():
+    cfg = load_config("configs/tiny-cpu.yaml", preset_overrides("xmoe-v2", 8))
+    assert (cfg.moe.baseline.xmoe_dim, cfg.moe.baseline.xmoe_gates) == (4, "softmax_topk")
+    torch.manual_seed(0)
+    compare(MoELayer(cfg.moe, D, vocab_size=V), RoutingContext())
+
+
+@pytest.mark.parametrize("name", ["smoe-v1", "xmoe-v1", "stablemoe-v1"])
+def test_v1_baseline_presets_have_no_balance_or_z_loss(name):
+    cfg = load_config("configs/tiny-cpu.yaml", preset_overrides(name, 8))
+    torch.manual_seed(0)
+    layer = MoELayer(cfg.moe, D, vocab_size=V).train()
+    tokens = torch.randint(0, V, (1, 7))
+    _, aux = layer(torch.randn(1, 7, D), ctx=RoutingContext(step=0, total_steps=10, tokens_BS=tokens))
+    assert aux.stats["weighted_balance_loss"].item() == 0.0
+    assert aux.stats.get("weighted_z_loss", torch.zeros(())).item() == 0.0
+    if name != "stablemoe-v1":  # StableMoE's own distillation stays: it is the method, not a balance loss
+        assert aux.loss.item() == 0.0
 
 
 def test_xmoe_logits_are_scaled_cosines_and_temperature_is_floored():

@@ -4,13 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from competesmoe.launcher.config import Config, ConfigError, load_config, validate_world
+from competesmoe.launcher.config import Config, ConfigError, load_config, to_dict, validate_world
+from competesmoe.moe.presets import PRESETS, preset_overrides
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {p.stem for p in CONFIGS} >= {"tiny-cpu", "switch-small", "switch-medium", "glam-small", "v2-pretrain"}
+    assert {p.stem for p in CONFIGS} >= {"tiny-cpu", "switch-small", "switch-medium", "glam-small", "v2-pretrain",
+                                         "switch-small-v1"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -43,6 +45,12 @@ def test_overrides_keep_types():
     (["model.n_heads=3"], "model.d_model (128) must be divisible by model.n_heads (3)"),
     (["train.zero_stage=3"], "train.zero_stage"),
     (["maxsteps"], "section.key=value"),
+    (["moe.competition.hybrid_coef=0.2", "moe.competition.hybrid_theta=0.1"], "keep only hybrid_theta"),
+    (["moe.competition.hybrid_coef=0.2", "moe.competition.router_loss_coef=0"], "needs router_loss_coef > 0"),
+    (["moe.competition.combine_gate=true"], "moe.competition.combine_gate"),
+    (["moe.competition.hybrid_theta=-1"], "moe.competition.hybrid_theta"),
+    (["moe.expert_init=kaiming"], "moe.expert_init"),
+    (["moe.baseline.xmoe_gates=sparse"], "moe.baseline.xmoe_gates"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -60,3 +68,41 @@ def test_world_not_divisible_by_ep():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does-not-exist.yaml"):
         load_config("does-not-exist.yaml")
+
+
+def test_deprecated_hybrid_coef_becomes_the_same_relative_theta():
+    with pytest.warns(FutureWarning, match="hybrid_coef is deprecated"):
+        cfg = load_config(Path("configs/tiny-cpu.yaml"), ["moe.competition.router_loss_coef=0.001",
+                                                          "moe.competition.hybrid_coef=0.2"])
+    comp = cfg.moe.competition
+    # old loss: 0.001 * MSE + 0.2 * MSE_winners; new: router_loss_coef * (MSE + theta * MSE_winners)
+    assert comp.hybrid_theta == pytest.approx(200.0) and comp.hybrid_coef is None
+    assert "hybrid_coef" not in {k for k, v in to_dict(cfg)["moe"]["competition"].items() if v is not None}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_loads_and_sets_what_it_says(name):
+    overrides = preset_overrides(name, 8)
+    cfg = to_dict(load_config(Path("configs/tiny-cpu.yaml"), overrides))
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert str(node).lower() == value.lower(), item
+    assert PRESETS[name].source and PRESETS[name].description
+
+
+@pytest.mark.parametrize("config,preset", [("v2-pretrain", "competesmoe-v2-lm"), ("switch-small-v1", "competesmoe-v1"),
+                                           ("switch-small", "competesmoe-v2"), ("glam-small", "competesmoe-v2")])
+def test_paper_configs_hold_their_presets_values(config, preset):
+    path = Path(f"configs/{config}.yaml")
+    cfg = load_config(path)
+    assert load_config(path, preset_overrides(preset, cfg.moe.num_experts)) == cfg
+
+
+def test_an_old_run_state_config_with_hybrid_coef_zero_loads_silently(recwarn):
+    """Resolved configs (and checkpoints' run_state.json) before hybrid_theta held hybrid_coef: 0.0."""
+    cfg = load_config(Path("configs/tiny-cpu.yaml"), ["moe.competition.hybrid_coef=0.0",
+                                                      "moe.competition.hybrid_theta=0.3"])
+    assert cfg.moe.competition.hybrid_theta == 0.3 and not [w for w in recwarn if "hybrid_coef" in str(w.message)]

@@ -72,6 +72,9 @@ class Case:
     affinity: str = "softplus_mean"
     activation: str = "gelu"
     eval_too: bool = False
+    variant: str = "v2"
+    """'v1': the v1 regime's step (sparse target with gradient, softmax weights, balance over all K winners)."""
+    combine_gate: bool = False
 
 
 CASES = [
@@ -91,10 +94,13 @@ for _gather in ("scores", "outputs"):
         Case(f"compete-{_gather}-k8-E16", num_experts=16, top_k=8, compete=True, gather=_gather),
         Case(f"compete-{_gather}-silent-first-rank", top_k=2, compete=True, gather=_gather,
              setup="silent_first_rank", affinity="l2_norm"),
+        Case(f"compete-{_gather}-v1-k2-E8", top_k=2, compete=True, gather=_gather, affinity="l2_norm", variant="v1"),
+        Case(f"compete-{_gather}-v1-combine-gate-k1-E8", top_k=1, compete=True, gather=_gather, affinity="l2_norm",
+             variant="v1", combine_gate=True),
     ]
 # EP = 2 inside a world of 4 (two EP groups, expert grads reduced over the EDP groups).
 SUBGROUP_CASES = [c for c in CASES if c.name in ("router-k2-E8", "router-starve-first-rank", "compete-scores-k2-E8",
-                                                 "compete-outputs-k2-E8")]
+                                                 "compete-outputs-k2-E8", "compete-scores-v1-k2-E8")]
 
 
 def tokens_per_rank(world: int) -> list[int]:
@@ -122,7 +128,9 @@ def _run_layer_case(case: Case, rank: int, world: int, groups) -> list[str]:
     e = E // P
     cfg = MoEConfig(num_experts=E, top_k=case.top_k, expert_hidden=HIDDEN, activation=case.activation,
                     router="competesmoe", capacity_factor=case.capacity_factor,
-                    competition=CompetitionConfig(gather=case.gather, affinity=case.affinity, hybrid_coef=0.2))
+                    competition=CompetitionConfig(gather=case.gather, affinity=case.affinity, hybrid_theta=0.5,
+                                                  variant=case.variant, combine_gate=case.combine_gate,
+                                                  router_loss_coef=0.3, diversity_coef=0.1, balance_coef=0.05))
     torch.manual_seed(1234)
     ref = MoELayer(cfg, D_MODEL)
     xs = [torch.randn(1, n, D_MODEL) for n in tokens_per_rank(world)]

@@ -45,3 +45,12 @@ def test_compete_layers_select_which_moe_layers_compete():
     model = build(layout="glam").train()
     out = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)), frozenset({1}))
     assert [a.stats["competed"].item() for a in out.moe_aux] == [0.0, 1.0]
+
+
+def test_official_lm_expert_init_uses_the_model_depth():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=8, n_heads=4, seq_len=16, dense_hidden=64)
+    model = TransformerLM(cfg, MoEConfig(num_experts=8, top_k=2, expert_hidden=64, expert_init="official_lm"), 50)
+    experts = model.moe_layers[0].experts
+    assert experts.w_in_EDF.std().item() == pytest.approx((2 / 8) ** 0.5 / 32 ** 0.5, rel=0.05)
+    assert experts.w_out_EFD.std().item() == pytest.approx((2 / 8) ** 0.5 / (8 * 64) ** 0.5, rel=0.05)

@@ -60,3 +60,10 @@ def test_v1_draws_per_micro_batch():
     assert sched.layers_at(7, 1) == CompetitionSchedule(cfg, 1, 100, 4, True).layers_at(7, 1)
     share = np.mean([len(d) / 4 for d in draws])
     assert abs(share - 0.5) < 0.1
+
+
+def test_v1_regime_competes_on_every_forward_of_every_layer():
+    """The v1 scripts' --freq 1.0 with no warm-up (moe/presets.py 'competesmoe-v1')."""
+    cfg = CompetitionConfig(variant="v1", rate=1.0, warmup=0.0, cap=1)  # the cap is the v2 plan's, not v1's
+    sched = CompetitionSchedule(cfg, seed=3, total_steps=20, num_layers=4, enabled=True)
+    assert all(sched.layers_at(s, m) == frozenset(range(4)) for s in range(20) for m in range(3))
