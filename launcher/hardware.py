@@ -58,8 +58,11 @@ GPUS: dict[str, GpuSpec] = {
 
 
 def known_gpu(device_name: str) -> str | None:
-    """The GPUS key a CUDA device name (torch.cuda.get_device_name) belongs to, if any."""
+    """The GPUS key a CUDA device name (torch.cuda.get_device_name) belongs to, if any (the table holds SXM parts:
+    a PCIe card, slower, is not one of them)."""
     lowered = device_name.lower()
+    if "pcie" in lowered:
+        return None
     return next((key for key in GPUS if key in lowered), None)
 
 

@@ -116,6 +116,7 @@ def test_device_peak_comes_from_the_config_the_table_or_a_measurement():
     assert measured > 0 and source.startswith("measured")
     assert known_gpu("NVIDIA H100 80GB HBM3") == "h100" and known_gpu("NVIDIA H200") == "h200"
     assert known_gpu("NVIDIA A100-SXM4-80GB") == "a100" and known_gpu("Tesla V100") is None
+    assert known_gpu("NVIDIA H100 PCIe") is None  # the table's figures are the SXM parts'
 
 
 @pytest.mark.slow  # a real (short) training run
