@@ -1,4 +1,4 @@
-"""The `competesmoe` command: train, prepare, launch, tensorboard, eval, export, and the commands registered
+"""The `competesmoe` command: train, prepare, launch, tensorboard, eval, export, plan, and the commands registered
 under the `competesmoe.commands` entry points (the experiments: bench, repro, finetune). User errors print one line and
 exit 2."""
 
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
     export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
     export.add_argument("out", help="output .safetensors file (must not exist)")
+
+    from competesmoe.launcher import plan
+
+    plan_parser = sub.add_parser("plan", help="memory, bytes, FLOPs and step time of every layout on N GPUs",
+                                 description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_arguments(plan_parser)
     add_registered_commands(sub)
     return parser
 
@@ -127,6 +133,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return evaluate.main(args)
     if args.command == "export":
         return export_checkpoint(args.checkpoint, args.out)
+    if args.command == "plan":
+        from competesmoe.launcher import plan
+
+        return plan.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from pathlib import Path

@@ -62,6 +62,9 @@ class TrainConfig:
     """How many checkpoints to keep."""
     max_nonfinite_steps: int = 3
     """A step with a non-finite loss or gradient is skipped; stop after this many in a row."""
+    peak_tflops: float | None = None
+    """Peak dense matmul TFLOP/s of one device in train.precision, the `mfu` in metrics.jsonl is measured against;
+    null: the table of known GPUs (A100, H100, H200: launcher/hardware.py), else this device's measured matmul rate."""
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints",
@@ -75,6 +78,8 @@ class TrainConfig:
         check(self.eval_every >= 0 and self.checkpoint_every >= 0,
               "train.eval_every and train.checkpoint_every must not be negative")
         check(self.zero_stage in (0, 1, 2), f"train.zero_stage ({self.zero_stage}) must be 0, 1 or 2")
+        check(self.peak_tflops is None or self.peak_tflops > 0,
+              f"train.peak_tflops ({self.peak_tflops}) must be positive, or null for the device's own peak")
 
 
 @dataclass

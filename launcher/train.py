@@ -148,11 +148,13 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, pre
 
     t = trainer.cfg.train
     bar = tqdm(total=t.max_steps, initial=trainer.step, disable=rank != 0, desc="train", unit="step")
+    if rank == 0:
+        bar.write(f"MFU against {trainer.peak_tflops:.3g} TFLOP/s per device ({trainer.peak_source})")
     while trainer.step < t.max_steps:
         record = trainer.train_step()
         step = trainer.step
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
         if record["skipped"] and rank == 0:
             bar.write(f"competesmoe: warning: step {step} skipped: non-finite loss or gradient"
                       + (f" (MoE layers {record['nonfinite_layers']})" if "nonfinite_layers" in record else ""),

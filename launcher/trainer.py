@@ -22,7 +22,9 @@ from competesmoe.data.meta import load_meta
 from competesmoe.data.tokenizer import quality
 from competesmoe.launcher import checkpoint
 from competesmoe.launcher.config import Config, to_dict
+from competesmoe.launcher.hardware import device_peak_tflops
 from competesmoe.launcher.metrics import RoutingStats
+from competesmoe.moe.flops import training_flops_per_token
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
@@ -112,6 +114,7 @@ class Trainer:
                                     groups.rank, groups.dp_size, cfg.train.seed)
         self.routing_stats = RoutingStats()
         self.nan_steps = injected_nan_steps()
+        self.peak_tflops, self.peak_source = device_peak_tflops(cfg.train.peak_tflops, device, cfg.train.precision)
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
@@ -136,10 +139,11 @@ class Trainer:
         start = time.perf_counter()
         compete = self.schedule.layers_at(self.step)
         skipped_before = self.engine.skipped_steps
-        lm_loss_sum, bad_layers, grad_norm = 0.0, set(), None
+        lm_loss_sum, bad_layers, grad_norm, competing = 0.0, set(), None, 0
         for micro in range(self.cfg.train.grad_accum):
             if self.cfg.moe.competition.variant == "v1":
                 compete = self.schedule.layers_at(self.step, micro)
+            competing += len(compete)
             inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
             out = self.engine(inputs_BS, targets_BS, compete, self.routing_context())
             loss = out.loss if self.step + 1 not in self.nan_steps else out.loss * float("nan")
@@ -169,10 +173,19 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens_per_s": self.tokens_per_step / elapsed,
+            **self._utilisation(elapsed, competing / self.cfg.train.grad_accum),
             "competing_layers": sorted(compete),
             "skipped": skipped,
             **({"nonfinite_layers": sorted(bad_layers)} if bad_layers else {}),
         }
+
+    def _utilisation(self, elapsed: float, competing_layers: float) -> dict:
+        """Model FLOPs per token of this step (moe/flops.py: no recomputation), what one device achieved, and MFU."""
+        flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.moe, self.meta["tokenizer"]["vocab_size"],
+                                                   competing_layers)
+        achieved = flops_per_token * self.tokens_per_step / self.groups.world_size / elapsed / 1e12
+        return {"model_flops_per_token": flops_per_token, "tflops_per_device": achieved,
+                "mfu": achieved / self.peak_tflops}
 
     def _count_nonfinite(self, skipped: bool, bad_layers: set[int]) -> None:
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0

@@ -13,11 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class CommCounter(TorchDispatchMode):
-    """Records (collective, bytes sent to other ranks) for every c10d op but barrier while active."""
+    """Records (collective, bytes sent to other ranks) for every c10d op but barrier while active, and the size of
+    the group each ran in (`group_sizes`, in the same order)."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[str, int]] = []
+        self.group_sizes: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -25,6 +27,7 @@ class CommCounter(TorchDispatchMode):
             name = func._schema.name.split("::")[-1]
             if name != "barrier":
                 self.calls.append((name, sent_bytes(name, args)))
+                self.group_sizes.append(_group_size(args))
         return func(*args, **kwargs)
 
     def total(self) -> int:
@@ -39,12 +42,21 @@ class CommCounter(TorchDispatchMode):
         return out
 
 
+def _process_group(args) -> dist.ProcessGroup | None:
+    pg = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+    return None if pg is None else dist.ProcessGroup.unbox(pg)
+
+
+def _group_size(args) -> int:
+    pg = _process_group(args)
+    return 0 if pg is None else pg.size()
+
+
 def sent_bytes(name: str, args) -> int:
     """Bytes this rank sends to the other ranks of the group in the c10d op `name` called with `args`."""
-    pg = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+    pg = _process_group(args)
     if pg is None:
         return 0
-    pg = dist.ProcessGroup.unbox(pg)
     size, rank = pg.size(), pg.rank()
     if size <= 1:
         return 0

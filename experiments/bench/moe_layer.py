@@ -38,12 +38,12 @@ def run_ranks(opts: SimpleNamespace) -> list[dict]:
 
 
 def _bench_rank(rank: int, world: int, opts: SimpleNamespace) -> dict:
-    _init_deepspeed_comm()
+    init_deepspeed_comm()
     cells = [LayerCell(rank, opts, ep, k).measure() for ep in opts.ep for k in opts.top_k]
     return {"rank": rank, "machine": machine(), "cells": cells}
 
 
-def _init_deepspeed_comm() -> None:
+def init_deepspeed_comm() -> None:
     """deepspeed.comm on the gloo group we already made (DeepSpeed's expert groups need it).
 
     DeepSpeed's torch backend JIT-compiles a shared-memory op at init (g++, ~30 s when not cached)

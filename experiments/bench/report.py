@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from competesmoe.common.table import text_table
+
 Cell = tuple[int, int]
 """(top-K, EP size)"""
 
@@ -28,12 +30,6 @@ def _mb(n) -> str:
 
 def _ratio(x) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _header(opts: SimpleNamespace, results: list[dict], load: tuple[str, str]) -> list[str]:
@@ -92,7 +88,7 @@ def _throughput(opts: SimpleNamespace, cells: list[list[dict]]) -> tuple[list[st
                      _ratio(dsp / recompute if recompute and dsp else None), str(c["capacity"]),
                      str(sum(r["ds_dropped"] for r in per_rank)), _output_check(c)])
     return ["\n1. router step forward+backward throughput (per rank)",
-            _table(["K", "EP", "ours ms", "ours tok/s", "DS ms", "DS tok/s", "ours/DS", "recompute ms",
+            text_table(["K", "EP", "ours ms", "ours tok/s", "DS ms", "DS tok/s", "ours/DS", "recompute ms",
                     "recompute/DS", "DS capacity", "DS dropped", "ours vs DS output"], rows),
             "   recompute = ours with parallel.activation_checkpointing=experts (the experts' hidden layer "
             "recomputed in backward); tok/s ratios are DS time / our time"], speedups
@@ -127,7 +123,7 @@ def _efficiency(cells: list[list[dict]]) -> tuple[list[str], dict[Cell, float]]:
                      f"{block / 1e9:.1f}", f"{dense / 1e9:.1f}", f"{eff:.0%}", f"{ffn / 1e9:.1f}",
                      f"{block / ffn:.0%}", "n/a" if layer is None else f"{layer / dense:.0%}"])
     return ["\n2. expert work efficiency (worst rank; FLOPs = 3 x 2 x rows x 2 x d x hidden)",
-            _table(["K", "EP", "rank", "rows", "experts ms", "experts GF/s", "dense mm GF/s", "efficiency",
+            text_table(["K", "EP", "rank", "rows", "experts ms", "experts GF/s", "dense mm GF/s", "efficiency",
                     "dense FFN GF/s", "vs FFN", "whole layer"], rows),
             "   experts = GroupedExperts fwd+bwd on the rows the router step sent to this rank's experts;\n"
             "   dense mm = the same six matmuls on one dense [rows, d] x [d, hidden] / [rows, hidden] x "
@@ -158,7 +154,7 @@ def _competition(cells: list[list[dict]]) -> tuple[list[str], dict[tuple[int, in
                          _ratio(ratios[(c["k"], c["ep"], mode)]), ""])
     return ["\n3. competition step vs router step and vs its floor (forward_all fwd+bwd on the EP group's "
             "tokens, no communication, no top-K)",
-            _table(["K", "EP", "gather", "comp ms", "router ms", "comp/router", "floor ms", "comp/floor",
+            text_table(["K", "EP", "gather", "comp ms", "router ms", "comp/router", "floor ms", "comp/floor",
                     "note"], rows)], ratios
 
 
@@ -177,7 +173,7 @@ def _bytes(cells: list[list[dict]]) -> list[str]:
                          "" if own_total is None else _mb(own_total), est, parts])
     return ["\n4. bytes sent to other ranks per fwd+bwd step, MiB (measured: every c10d collective of one step "
             "seen by a TorchDispatchMode; per rank)",
-            _table(["K", "EP", "variant", "rank0 / rank1 ...", "dispatcher counter", "DS estimate",
+            text_table(["K", "EP", "variant", "rank0 / rank1 ...", "dispatcher counter", "DS estimate",
                     "rank 0 by collective (calls, MiB)"], rows),
             "   DS estimate = 4 all-to-alls x E x C x d x 4 B x (P-1)/P (its capacity-padded dispatch tensor)"]
 
@@ -197,7 +193,7 @@ def _memory(cells: list[list[dict]]) -> tuple[list[str], dict[Cell, float | None
     return ["\n5. peak memory of one fwd+bwd step, MiB, largest rank (live tensors allocated during the step, "
             "incl. gradients; tracked by torch.distributed._tools.mem_tracker.MemTracker; parameters and "
             "input excluded; gloo buffers not seen)",
-            _table(["K", "EP", "ours", "ours recompute", "DeepSpeed", "ours/DS", "recompute/DS",
+            text_table(["K", "EP", "ours", "ours recompute", "DeepSpeed", "ours/DS", "recompute/DS",
                     "competition step"], rows)], ratios, recompute_ratios
 
 
