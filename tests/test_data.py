@@ -156,7 +156,7 @@ def test_prepare_splits_and_meta(byte_prep, small_corpus, small_text):
     assert meta["source"]["bytes"] == n
     assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")])  # no temp dir left behind
+        [".prepare.lock", "meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")])  # no temp dir left
 
 
 def test_prepare_reads_compressed(small_corpus, small_text, byte_prep, tmp_path):
