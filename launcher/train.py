@@ -74,10 +74,11 @@ def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
 def on_rank0_while_others_wait(work, rank: int) -> None:
     """Rank 0 runs work() while the other ranks wait, with no deadline; rank 0's error is raised on every rank.
 
-    The waiting is a broadcast every PREPARE_HEARTBEAT_S seconds (on a gloo group, so CPU tensors work
-    under NCCL too): no collective ever comes near the process group's timeout, however long the work.
+    The waiting is a broadcast every PREPARE_HEARTBEAT_S seconds on a gloo group (CPU tensors work under NCCL
+    too) whose timeout is ten heartbeats: no collective comes near it, however long the work takes, while a
+    rank 0 that died is noticed within it.
     """
-    group = dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10 * PREPARE_HEARTBEAT_S))
     done = torch.zeros(1)
     failure = [None]
     if rank == 0:
