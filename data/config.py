@@ -71,7 +71,8 @@ class DataConfig:
               "data.path and data.inputs are both set; set data.path for one text file split 90/5/5, or "
               "data.inputs for a pretraining corpus, not both")
         if self.inputs is not None:
-            check(len(self.inputs) > 0, "data.inputs is an empty list; name files, directories or globs, or set it to null")
+            check(len(self.inputs) > 0,
+                  "data.inputs is an empty list; name files, directories or globs, or set it to null")
         for field in ("inputs", "blend"):
             check(getattr(self, field) is None or self.sampler == "gpt",
                   f"data.{field} needs data.sampler: gpt (megatron-core's GPTDataset draws documents; the windows "
@@ -89,4 +90,5 @@ class DataConfig:
                   and not isinstance(entry[0], bool) and entry[0] > 0 and isinstance(entry[1], str) and entry[1])
             check(ok, f"data.blend[{i}] = {entry!r} must be [weight, path] with a positive weight, "
                       f"e.g. data.blend: [[0.7, prep/web], [0.3, prep/books]]")
-        check(self.blend is None or len(self.blend) > 0, "data.blend is an empty list; give [[weight, path], ...] or null")
+        check(self.blend is None or len(self.blend) > 0,
+              "data.blend is an empty list; give [[weight, path], ...] or null")

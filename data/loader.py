@@ -272,7 +272,7 @@ class GPTSampler:
         self.position = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64, shape (micro_batch_size, seq_len): this rank's slice of the next global micro-batch."""
+        """(inputs, targets), int64, (micro_batch_size, seq_len): this rank's slice of the next global micro-batch."""
         lo = self.position + self.dp_rank * self.micro_batch_size
         self.position += self.global_batch
         return self._source.gather(np.arange(lo, lo + self.micro_batch_size))

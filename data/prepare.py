@@ -182,9 +182,17 @@ def check_out_dir(out_dir: Path) -> None:
         raise UserError(f"data.prepared_dir: {out_dir} exists and is not a directory; set data.prepared_dir to a directory path")
 
 
-def refuse_other(out_dir: Path, existing: dict, why: str) -> None:
-    raise UserError(f"{out_dir} already holds a different data preparation ({describe(existing)}; {why}); "
-                    f"set data.prepared_dir to a new directory or delete {out_dir}")
+def finished(out_dir: Path, why_not) -> dict | None:
+    """out_dir's finished preparation when it is the one wanted (why_not(meta) is None); None when there is
+    none or it is incomplete (rebuilt then, with identical content); another preparation is refused."""
+    existing = read_meta(out_dir)
+    if existing is None:
+        return None
+    why = why_not(existing)
+    if why is not None:
+        raise UserError(f"{out_dir} already holds a different data preparation ({describe(existing)}; {why}); "
+                        f"set data.prepared_dir to a new directory or delete {out_dir}")
+    return existing if complete(out_dir, existing) else None
 
 
 def train_sentencepiece(sentences, data_cfg, model_path: Path, what: str, progress: bool) -> None:
@@ -317,15 +325,9 @@ def _prepare_splits(data_cfg, out_dir: Path, progress: bool) -> dict:
     source = resolve_corpus(data_cfg.path)
     settings = tokenizer_settings(data_cfg)
     with prepare_lock(out_dir):
-        existing = read_meta(out_dir)
-        if existing is not None:
-            why = _same_splits_source(existing, source, settings)
-            if why is not None:
-                refuse_other(out_dir, existing, why)
-            if complete(out_dir, existing):
-                return existing
-            # Same preparation but files missing or truncated: rebuild it (identical content) below.
-
+        done = finished(out_dir, lambda meta: _same_splits_source(meta, source, settings))
+        if done is not None:
+            return done
         raw = read_corpus(source)
         bounds = split_bounds(len(raw))
         for split, (a, b) in bounds.items():

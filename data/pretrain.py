@@ -28,6 +28,7 @@ import sys
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,9 +41,9 @@ from competesmoe.data.meta import DOCUMENTS, is_documents, read_meta
 from competesmoe.data.prepare import (
     FORMAT_VERSION,
     complete,
+    finished,
     prepare_lock,
     publish,
-    refuse_other,
     tokenizer_settings,
     train_sentencepiece,
 )
@@ -182,12 +183,17 @@ class BadInput:
 
 def _jsonl_batches(index: int, stream):
     lines, size, start = [], 0, 1
-    for number, line in enumerate(stream, start=1):
-        lines.append(line)
-        size += len(line)
-        if size >= BATCH_BYTES:
+    try:
+        for number, line in enumerate(stream, start=1):
+            lines.append(line)
+            size += len(line)
+            if size >= BATCH_BYTES:
+                yield Batch(index, start, lines, True, False)
+                lines, size, start = [], 0, number + 1
+    except sources.DECOMPRESS_ERRORS:
+        if lines:  # the lines read before the file broke
             yield Batch(index, start, lines, True, False)
-            lines, size, start = [], 0, number + 1
+        raise
     if lines:
         yield Batch(index, start, lines, True, False)
 
@@ -342,12 +348,16 @@ def _write_all(files, writer, bad: BadInput, spec, workers: int, progress: bool)
             counts["empty_records"] += out.empty
             bar.update(out.nbytes)
 
-        for batch in _batches(files, bad):
-            pending.append((batch, pool.submit(encode_batch, batch)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+        try:
+            for batch in _batches(files, bad):
+                pending.append((batch, pool.submit(encode_batch, batch)))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                    write_oldest()
+            while pending:
                 write_oldest()
-        while pending:
-            write_oldest()
+        except BrokenProcessPool:
+            raise UserError(f"a tokenizing worker process died (out of memory?); prepare again with fewer --workers "
+                            f"(now {workers})") from None
     return counts
 
 
@@ -356,19 +366,15 @@ def prepare_documents(data_cfg, out_dir: Path, progress: bool = True, workers: i
     """Prepare data.inputs into out_dir/text_document.bin/.idx (idempotent: a current preparation is returned)."""
     from competesmoe.data.megatron import IndexedDatasetWriter, token_dtype
 
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers ({workers}) must be at least 1")
     settings = _settings(data_cfg)
     files = sources.resolve_inputs(data_cfg.inputs)
     with prepare_lock(out_dir):
-        existing = read_meta(out_dir)
-        if existing is not None:
-            why = _difference(existing, settings, files)
-            if why is not None:
-                refuse_other(out_dir, existing, why)
-            if complete(out_dir, existing):
-                return existing
+        done = finished(out_dir, lambda meta: _difference(meta, settings, files))
+        if done is not None:
+            return done
         bad = BadInput(skip_bad_input)
         fingerprints = [sources.fingerprint(f.path) for f in files]
         readable = _readable_files(files, bad)

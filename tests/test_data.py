@@ -519,7 +519,8 @@ def test_prepare_inputs_sentencepiece_on_a_bounded_sample(inputs_dir, tmp_path):
     root, docs = inputs_dir
     budget = 100_000
     sample = _spm_sample(resolve_inputs([str(root)]), budget)
-    assert budget / 2 < sum(len(s.encode()) for s in sample) < budget + 5 * 4096  # each file's share, a line over at most
+    # each file gives its share, overshooting by at most a line
+    assert budget / 2 < sum(len(s.encode()) for s in sample) < budget + 5 * 4096
     cfg = inputs_cfg(root, tokenizer="sentencepiece", vocab_size=600, spm_sample_bytes=budget)
     meta = prepare(cfg, tmp_path / "spm", progress=False, workers=2)
     tok = load_tokenizer(tmp_path / "spm")
@@ -647,7 +648,8 @@ def test_bad_input_is_refused_in_one_line_or_skipped(kind, inputs_dir, tmp_path,
         (root / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 1000)[:40] + b"\x00" * 100)
         needle = f"input {root / 'b.jsonl.gz'} could not be read"
     else:
-        _write_jsonl(root / "b.jsonl", good[:2], extra=[bad_lines[kind]] + [json.dumps({"text": "tail"}).encode() + b"\n"])
+        tail = json.dumps({"text": "tail"}).encode() + b"\n"
+        _write_jsonl(root / "b.jsonl", good[:2], extra=[bad_lines[kind], tail])
         needle = f"{root / 'b.jsonl'}:3: the line"
     out = tmp_path / "prep"
     with pytest.raises(UserError) as err:
@@ -735,8 +737,9 @@ def test_gpt_samples_are_windows_of_the_shuffled_document_stream(documents_prep,
 
     out, meta = documents_prep
     seq_len = 64
-    train, valid, test = build_gpt_datasets(blend=([str(out / "text_document")], None), split="90,5,5", seq_len=seq_len,
-                                            seed=9, sizes=[300, None, None], cache_dir=tmp_path, tokenizer=meta["tokenizer"])
+    train, valid, test = build_gpt_datasets(blend=([str(out / "text_document")], None), split="90,5,5",
+                                            seq_len=seq_len, seed=9, sizes=[300, None, None], cache_dir=tmp_path,
+                                            tokenizer=meta["tokenizer"])
     ds = open_indexed(out / "text_document")
     stream = np.concatenate([ds[int(d)] for d in train.document_index]).astype(np.int64)
     begin, end = split_bounds("90,5,5", len(ds))[0]
@@ -861,3 +864,34 @@ def test_ranks_wait_for_rank0_longer_than_any_collective_timeout():
     # 8 s of work outlasts the waiting group's 5 s timeout: only the heartbeat keeps the ranks together;
     # then rank 0's error reaches every rank
     assert run_on_ranks(_wait_body, 2, timeout=180) == [["ok", "UserError: data.path: corpus /x is empty"]] * 2
+
+
+@pytest.mark.slow  # four short training runs
+def test_gpt_run_needs_prepare_then_trains_and_resumes_at_the_exact_sample(tmp_path, corpus_bytes):
+    from support import FAST, TINY, competesmoe, losses, records
+
+    _write_jsonl(tmp_path / "web.jsonl", _records(corpus_bytes, 0, 1500))
+    data = [f"data.inputs=[{tmp_path / 'web.jsonl'}]", "data.sampler=gpt", f"data.prepared_dir={tmp_path / 'prep'}"]
+    args = [TINY, *data, "train.max_steps=8", "train.checkpoint_every=4", "moe.competition.rate=0.5", *FAST]
+    refused = competesmoe("train", *args, f"output_dir={tmp_path / 'early'}")
+    assert refused.returncode == 2 and "run `competesmoe prepare`" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    prepared = competesmoe("prepare", TINY, *data, "--workers", "2")
+    assert prepared.returncode == 0 and "text_document 1,500 documents" in prepared.stdout, prepared.stderr[-2000:]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    for run in (full, part):
+        result = competesmoe("train", *args, f"output_dir={run}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert {r["split"] for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())} >= {"valid", "test"}
+    assert records(full, "test")[0]["bpc"] < 8.0  # byte level: below the 8 bits of a uniform guess
+    # roll the second run back to its step-4 checkpoint, as if it had died there, and resume
+    shutil.rmtree(part / "checkpoints" / "step00000008")
+    (part / "checkpoints" / "latest").write_text("step00000004")
+    (part / "metrics.jsonl").unlink()
+    result = competesmoe("train", *args, f"output_dir={part}", "resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(part)) == [5, 6, 7, 8]
+    assert all(losses(part)[s] == losses(full)[s] for s in losses(part))  # bitwise on CPU: the same samples
+    longer = competesmoe("train", *args, f"output_dir={part}", "resume=auto", "train.max_steps=12")
+    assert longer.returncode == 2 and "same train.max_steps" in longer.stderr, longer.stderr[-2000:]
