@@ -5,15 +5,19 @@ rule (`DType.optimal_dtype`), `GPTDataset` (document-aware samples, shuffled by 
 `BlendedMegatronDatasetBuilder` (weighted blends, rank 0 builds the cache first).
 
 Where it falls short, and what we do about it (here and nowhere else):
-- `IndexedDatasetBuilder` keeps every sequence length and document boundary in Python lists (about 72
-  bytes per document, plus a third list at `finalize`), so its memory grows with the corpus: 1e8 documents
-  would take over 10 GB. `IndexedDatasetWriter` writes the same bytes (tested against the builder) with
-  the lengths spilled to side files as they come, in constant memory.
+- `IndexedDatasetBuilder` keeps every sequence length and document boundary in Python lists (measured:
+  51 bytes per document of 100 tokens, about 80 with lengths above 256, plus a third list at `finalize`),
+  so its memory grows with the corpus: 5-8 GB per 1e8 documents. `IndexedDatasetWriter` writes the same
+  bytes (tested against the builder) with the lengths spilled to side files as they come (measured: 0
+  bytes per document).
 - `BlendedDataset` calls `torch.distributed.get_rank()` whenever it caches indices, so building outside a
   job (one process on a CPU: tests, benchmarks, tools) needs a process group; `process_group()` makes a
   gloo world of one for the duration when there is none.
 - `GPTDataset` loops forever on a split with no documents (it adds epochs of zero tokens until it has
   enough); `check_split_not_empty` refuses that first, naming `data.split`.
+- The rank that builds the index cache keeps the arrays it built in memory (per document and per sample:
+  measured 80 MB for 2.2M documents) while the other ranks map the cached files (13 MB); every rank
+  therefore builds twice, the second time a cache hit that maps them (`build_gpt_datasets`).
 - Importing megatron.core takes seconds (it imports its whole training stack), so it happens on first use.
 """
 
@@ -205,4 +209,6 @@ def build_gpt_datasets(*, blend: tuple[list[str], list[float] | None] | None = N
         tokenizer=_TokenizerView(tokenizer), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True, **options)
     with process_group():
-        return builder.BlendedMegatronDatasetBuilder(gpt.GPTDataset, sizes, lambda: True, config).build()
+        build = builder.BlendedMegatronDatasetBuilder(gpt.GPTDataset, sizes, lambda: True, config).build
+        build()  # rank 0 builds the cache and would keep what it built in memory; the other ranks map it
+        return build()  # so every rank, rank 0 too, maps the cached indices

@@ -9,7 +9,9 @@ process tree (the main process plus its workers, sampled every 0.1 s from /proc)
 training rank's gpt sampler (megatron-core GPTDataset over the preparation, --samples samples of
 --seq-len) in a fresh process, draws --batches batches and records that process's anonymous memory
 (RssAnon) before and after, the pages of the mmapped dataset it has resident after (RssFile: page cache
-the kernel reads ahead around each sample and may drop at will), and its peak RSS (VmHWM). Prints a Markdown table; deletes what it wrote unless --keep. Linux only.
+the kernel reads ahead around each sample and may drop at will), and its peak RSS (VmHWM); once as the
+rank that builds megatron-core's index cache, once more as a rank that loads it. Prints a Markdown
+table; deletes what it wrote unless --keep. Linux only.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, action="append", required=True, help="real text file(s) to build corpora from")
+    parser.add_argument("--text", type=Path, action="append", required=True,
+                        help="real text file(s) to build corpora from")
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokenizer", default="byte", choices=["byte", "sentencepiece"])
@@ -149,28 +152,31 @@ def main() -> None:
                              "mb_s": written / mb / seconds, "mb_s_net": written / mb / max(seconds - again, 1e-9),
                              "prepare_tree_mb": peak_sum / mb, "prepare_main_mb": peak_one / mb})
                 print(json.dumps(rows[-1]), flush=True)
-            sampler = subprocess.run([sys.executable, "-c", SAMPLER_SNIPPET, str(prep), str(args.tmp / f"cache{size}"),
-                                      str(args.seq_len), str(args.samples), str(args.batches)],
-                                     capture_output=True, text=True, check=True)
-            peaks = json.loads(sampler.stdout.strip().splitlines()[-1])
-            for row in rows[-len(args.workers):]:
-                row.update(sampler_anon_mb=(peaks["before"]["RssAnon"] / mb, peaks["after"]["RssAnon"] / mb),
-                           sampler_file_mb=peaks["after"]["RssFile"] / mb, sampler_peak_mb=peaks["after"]["VmHWM"] / mb)
-            print(json.dumps(peaks), flush=True)
+            # twice on one index cache: the rank that builds megatron-core's indices, then one that loads them
+            for role in ("builds", "loads"):
+                sampler = subprocess.run([sys.executable, "-c", SAMPLER_SNIPPET, str(prep),
+                                          str(args.tmp / f"cache{size}"), str(args.seq_len), str(args.samples),
+                                          str(args.batches)], capture_output=True, text=True, check=True)
+                peaks = json.loads(sampler.stdout.strip().splitlines()[-1])
+                print(json.dumps({role: peaks}), flush=True)
+                for row in rows[-len(args.workers):]:
+                    row[role] = (peaks["before"]["RssAnon"] / mb, peaks["after"]["RssAnon"] / mb,
+                                 peaks["after"]["RssFile"] / mb, peaks["after"]["VmHWM"] / mb)
             shutil.rmtree(corpus, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.tmp, ignore_errors=True)
-    print(f"\ntokenizer {args.tokenizer}; sampler: seq_len {args.seq_len}, {args.samples} samples, {args.batches} batches of 8")
+    print(f"\ntokenizer {args.tokenizer}; sampler: seq_len {args.seq_len}, {args.samples} samples, "
+          f"{args.batches} batches of 8")
     print("| corpus MB | workers | prepare s | re-run s (finished: start-up + fingerprint) | MB/s (wall) "
           "| MB/s (wall - re-run) | prepare peak RSS, all processes (MB) | largest process (MB) "
-          "| sampler process: anonymous RSS before / after (MB) | its mapped file pages after (MB) | its peak RSS (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| sampler that builds the indices: anonymous RSS before / after, mapped file pages, peak RSS (MB) "
+          "| sampler that loads them: the same (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['size_mb']:.0f} | {r['workers']} | {r['seconds']:.1f} | {r['recheck_s']:.1f} | {r['mb_s']:.1f} "
               f"| {r['mb_s_net']:.1f} | {r['prepare_tree_mb']:.0f} | {r['prepare_main_mb']:.0f} "
-              f"| {r['sampler_anon_mb'][0]:.0f} / {r['sampler_anon_mb'][1]:.0f} | {r['sampler_file_mb']:.0f} "
-              f"| {r['sampler_peak_mb']:.0f} |")
+              + "".join("| {:.0f} / {:.0f}, {:.0f}, {:.0f} ".format(*r[role]) for role in ("builds", "loads")) + "|")
 
 
 if __name__ == "__main__":
