@@ -46,6 +46,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         inner = [a for a in get_args(tp) if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; expected a list (YAML [a, b])")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{where} = {value!r} has the wrong type; expected a list (YAML [a, b])")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")

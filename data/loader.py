@@ -1,4 +1,6 @@
-"""Deterministic, resumable batches from a prepared split (megatron-core IndexedDataset, mmap).
+"""Deterministic, resumable, data-parallel batches: the windows sampler (below) or megatron-core's GPTDataset.
+
+data.sampler: windows (the benchmarks' default) reads a 90/5/5 preparation as follows.
 
 A split is one flat token stream. Window i is tokens[i*S : i*S + S + 1] (S = seq_len): windows start at
 multiples of S, do not overlap in their inputs, and a last partial window is dropped. Inputs are the
@@ -13,24 +15,16 @@ can resume with a different dp_size as long as B * dp_size stays the same.
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from competesmoe.common.errors import UserError
-from competesmoe.data.meta import corpus_name
-
-
-def indexed_dataset_module():
-    """megatron.core.datasets.indexed_dataset, imported on first use (importing megatron.core takes seconds)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-        warnings.filterwarnings("ignore", message=".*Apex.*")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+from competesmoe.data.megatron import open_indexed
+from competesmoe.data.meta import DOCUMENTS, corpus_name, is_documents, load_meta, read_meta
+from competesmoe.data.tokenizer import SPM_MODEL_FILE
 
 
 class _Split:
@@ -43,11 +37,7 @@ class _Split:
         self.split = split
         self.seq_len = int(seq_len)
         prefix = str(self.prefix_dir / split)
-        mod = indexed_dataset_module()
-        if not mod.IndexedDataset.exists(prefix):
-            raise UserError(f"prepared split {prefix}.bin/.idx does not exist; run the prepare step into "
-                            f"{self.prefix_dir} (data.prepared_dir) first")
-        self._ds = mod.IndexedDataset(prefix, mmap=True)
+        self._ds = open_indexed(prefix)
         lengths = self._ds.sequence_lengths.astype(np.int64)
         pointers = self._ds.index.sequence_pointers
         itemsize = np.dtype(self._ds.index.dtype).itemsize
@@ -174,15 +164,21 @@ def eval_batches(prefix_dir: str | Path, split: str, seq_len: int, micro_batch_s
     """
     _check_rank(micro_batch_size, dp_rank, dp_size)
     data = _Split(prefix_dir, split, seq_len)
-    b, g = int(micro_batch_size), int(micro_batch_size) * int(dp_size)
     if data.n_windows < dp_size:
+        data.close()
         raise UserError(f"the {split} split of corpus {corpus_name(data.prefix_dir)} has {data.n_windows} windows of "
                         f"model.seq_len+1 = {seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; "
                         f"lower model.seq_len or use a larger corpus (data.path)")
-    full = min(int(max_batches), data.n_windows // g)
+    return _in_order(data.gather, data.n_windows, micro_batch_size, dp_rank, dp_size, max_batches, data.close)
+
+
+def _in_order(gather, n: int, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int, close=None):
+    """eval_batches' order over any indexed source of n samples (see eval_batches)."""
+    b, g = int(micro_batch_size), int(micro_batch_size) * int(dp_size)
+    full = min(int(max_batches), n // g)
     sizes = [b] * full
     if full < max_batches:
-        tail = (data.n_windows - full * g) // dp_size
+        tail = (n - full * g) // dp_size
         if tail > 0:
             sizes.append(tail)
 
@@ -191,9 +187,161 @@ def eval_batches(prefix_dir: str | Path, split: str, seq_len: int, micro_batch_s
             start = 0
             for size in sizes:
                 lo = start + dp_rank * size
-                yield data.gather(np.arange(lo, lo + size))
+                yield gather(np.arange(lo, lo + size))
                 start += size * dp_size
         finally:
-            data.close()
+            if close is not None:
+                close()
 
     return generate()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler: gpt -- megatron-core's GPTDataset / BlendedDataset (competesmoe.data.megatron).
+
+
+def resolve_blend(blend: list[list], prepared_dir: str | Path) -> tuple[list[str], list[float]]:
+    """data.blend's dataset prefixes and weights; each member must exist and use data.prepared_dir's tokenizer.
+
+    A member is a directory written by `competesmoe prepare` from data.inputs (its text_document) or a
+    megatron-core dataset prefix (PATH.bin and PATH.idx). Refusals name data.blend[i].
+    """
+    from competesmoe.data.prepare import complete
+
+    run_tokenizer = load_meta(prepared_dir)["tokenizer"]
+    prefixes, weights = [], []
+    for i, (weight, path) in enumerate(blend):
+        where = f"data.blend[{i}] = {path!r}"
+        prefix, meta = blend_member(i, path)
+        if meta is not None:
+            if not is_documents(meta):
+                raise UserError(f"{where} is a 90/5/5 preparation of data.path; blend directories prepared from "
+                                f"data.inputs")
+            if meta["tokenizer"] != run_tokenizer:
+                raise UserError(f"{where} was tokenized with {meta['tokenizer']}, but data.prepared_dir "
+                                f"{prepared_dir} with {run_tokenizer}; prepare every member with one vocabulary "
+                                f"(data.tokenizer_model: {Path(prepared_dir) / SPM_MODEL_FILE})")
+            if not complete(prefix.parent, meta):
+                raise UserError(f"{where} is incomplete (a file is missing or truncated); run `competesmoe "
+                                f"prepare` for it again")
+        prefixes.append(str(prefix.resolve()))
+        weights.append(float(weight))
+    return prefixes, weights
+
+
+def blend_member(i: int, path: str) -> tuple[Path, dict | None]:
+    """data.blend[i]'s dataset prefix and, for a directory written by `competesmoe prepare`, its meta.json."""
+    p = Path(path).expanduser()
+    meta = read_meta(p) if p.is_dir() else None
+    if meta is not None:
+        return p / DOCUMENTS, meta
+    if Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file():
+        return p, None
+    raise UserError(f"data.blend[{i}] = {path!r} does not exist: name a directory written by `competesmoe prepare` "
+                    f"or a megatron-core dataset prefix ({p}.bin and {p}.idx)")
+
+
+class _GPTSource:
+    """A megatron-core GPTDataset or BlendedDataset read as (inputs, targets) batches."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.n = len(dataset) if dataset is not None else 0
+
+    def gather(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.dataset[int(i)] for i in indices]
+        return torch.stack([r["tokens"] for r in rows]), torch.stack([r["labels"] for r in rows])
+
+
+class GPTSampler:
+    """Training micro-batches from megatron-core's GPTDataset (or a blend of them) for one data-parallel rank.
+
+    megatron-core already orders the samples by train.seed (documents shuffled per epoch, samples
+    shuffled); this consumes that order B * dp_size samples at a time, rank r taking [r*B, (r+1)*B). The
+    state is the global position, so a resume continues at the exact sample, with any dp_size that keeps
+    B * dp_size. The order depends on the run's sample count (megatron-core sizes its epochs and blend by
+    it), which the state records: a resume must keep train.max_steps and the batch size.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, num_samples: int):
+        _check_rank(micro_batch_size, dp_rank, dp_size)
+        self._source = _GPTSource(dataset)
+        self.micro_batch_size, self.dp_rank = int(micro_batch_size), int(dp_rank)
+        self.global_batch = self.micro_batch_size * int(dp_size)
+        self.num_samples = int(num_samples)
+        self.position = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64, (micro_batch_size, seq_len): this rank's slice of the next global micro-batch."""
+        lo = self.position + self.dp_rank * self.micro_batch_size
+        self.position += self.global_batch
+        return self._source.gather(np.arange(lo, lo + self.micro_batch_size))
+
+    def state_dict(self) -> dict:
+        return {"sample": int(self.position), "num_samples": self.num_samples}
+
+    def load_state_dict(self, d: dict) -> None:
+        try:
+            sample, num_samples = int(d["sample"]), int(d["num_samples"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"data sampler state {d!r} is not the gpt sampler's (integer 'sample' and 'num_samples'): "
+                            f"the checkpoint was made with data.sampler: windows; resume with it") from None
+        if num_samples != self.num_samples:
+            raise UserError(f"the checkpoint's run drew {num_samples} samples in all, this one {self.num_samples}: "
+                            f"megatron-core's GPTDataset orders samples by the run's total, so resume with the "
+                            f"same train.max_steps, train.grad_accum and global batch")
+        if not 0 <= sample <= self.num_samples - self.global_batch:
+            raise UserError(f"data sampler state (sample {sample}) does not fit this run's {self.num_samples} samples; "
+                            f"resume with the same data settings")
+        self.position = sample
+
+    def close(self) -> None:
+        self._source = None
+
+
+class TrainData:
+    """A run's training sampler and evaluation batches, from data.sampler's source (see open_train_data)."""
+
+    def __init__(self, sampler, eval_batches):
+        self.sampler = sampler
+        self._eval_batches = eval_batches
+
+    def eval_batches(self, split: str, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split's first max_batches global micro-batches, in order, this rank's slice of each."""
+        return self._eval_batches(split, max_batches)
+
+
+def open_train_data(data_cfg, data_dir: str | Path, *, cache_dir: str | Path, seq_len: int, micro_batch_size: int,
+                    dp_rank: int, dp_size: int, seed: int, train_samples: int, eval_samples: int) -> TrainData:
+    """The training data of a run. windows: TrainSampler and eval_batches over the 90/5/5 splits. gpt:
+    megatron-core's datasets over data.blend, a data.inputs preparation (split by data.split) or the 90/5/5
+    splits, built once per run into cache_dir (collective: every rank calls this)."""
+    if data_cfg.sampler == "windows":
+        sampler = TrainSampler(data_dir, "train", seq_len, micro_batch_size, dp_rank, dp_size, seed)
+        return TrainData(sampler, lambda split, k: eval_batches(data_dir, split, seq_len, micro_batch_size, dp_rank,
+                                                                dp_size, k))
+    from competesmoe.data.megatron import SPLITS, build_gpt_datasets
+
+    _check_rank(micro_batch_size, dp_rank, dp_size)
+    meta = load_meta(data_dir)
+    sizes = [train_samples, None, None]
+    if data_cfg.blend is not None:
+        members = {"blend": resolve_blend(data_cfg.blend, data_dir)}
+        sizes = [train_samples, eval_samples, eval_samples]  # weighted blends need a size per split
+    elif is_documents(meta):
+        members = {"blend": ([str(Path(data_dir).resolve() / DOCUMENTS)], None)}
+    else:
+        members = {"per_split": [str(Path(data_dir).resolve() / split) for split in SPLITS]}
+    datasets = build_gpt_datasets(**members, split=data_cfg.split, seq_len=seq_len, seed=seed, sizes=sizes,
+                                  cache_dir=cache_dir, tokenizer=meta["tokenizer"])
+    sources = dict(zip(SPLITS, (_GPTSource(d) for d in datasets)))
+
+    def gpt_eval_batches(split: str, max_batches: int):
+        source = sources[split]
+        if source.n < dp_size:
+            raise UserError(f"the {split} split of {data_dir} has {source.n} samples of model.seq_len+1 = "
+                            f"{seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; lower "
+                            f"model.seq_len, or give {split} a larger weight in data.split")
+        return _in_order(source.gather, source.n, micro_batch_size, dp_rank, dp_size, max_batches)
+
+    return TrainData(GPTSampler(datasets[0], micro_batch_size, dp_rank, dp_size, train_samples), gpt_eval_batches)

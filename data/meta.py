@@ -11,6 +11,12 @@ from pathlib import Path
 from competesmoe.common.errors import UserError
 
 META_FILE = "meta.json"
+DOCUMENTS = "text_document"  # the dataset prefix of a preparation from data.inputs (Megatron's naming)
+
+
+def is_documents(meta: dict) -> bool:
+    """A preparation from data.inputs (one dataset of documents), not a 90/5/5 split of data.path."""
+    return "datasets" in meta
 
 
 def read_meta(prepared_dir: str | Path) -> dict | None:
@@ -40,6 +46,7 @@ def load_meta(prepared_dir: str | Path) -> dict:
 def corpus_name(prepared_dir: str | Path) -> str:
     """The file name of the corpus a preparation was made from (for messages), else the directory."""
     try:
-        return Path(load_meta(prepared_dir)["source"]["path"]).name
+        meta = load_meta(prepared_dir)
+        return str(prepared_dir) if is_documents(meta) else Path(meta["source"]["path"]).name
     except (UserError, KeyError, TypeError):
         return str(prepared_dir)

@@ -28,9 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     remote = sub.add_parser("remote-train", help=argparse.SUPPRESS)  # what `launch --hostfile` runs on each host
     remote.add_argument("token", help="the train arguments and working directory, as `competesmoe launch` encoded them")
 
-    prepare = sub.add_parser("prepare", help="tokenize a raw text file into indexed train/valid/test splits")
+    prepare = sub.add_parser("prepare", help="tokenize data.path (90/5/5 splits) or data.inputs (documents) into "
+                                             "megatron-core indexed datasets, once, before training")
     prepare.add_argument("config")
     prepare.add_argument("overrides", nargs="*")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="data.inputs: tokenizing processes (default: the CPUs available)")
+    prepare.add_argument("--skip-bad-input", action="store_true",
+                         help="data.inputs: skip (and record) empty or unreadable files and bad JSONL lines "
+                              "instead of refusing them")
 
     launch = sub.add_parser("launch", help="start `train` on this host or on several (deepspeed launcher or torchrun)",
                             description="One host: --nproc N. Over ssh: --hostfile F (deepspeed, pdsh). Per node: "
@@ -139,13 +145,11 @@ def dispatch(args: argparse.Namespace) -> int:
         return plan.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
-        from pathlib import Path
+        from competesmoe.data.prepare import prepare, summary
 
-        from competesmoe.data.prepare import prepare
-
-        out = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else Path(cfg.output_dir) / "data"
-        meta = prepare(cfg.data, out, progress=True)
-        print(f"prepared {out}: " + ", ".join(f"{k} {v}" for k, v in meta.get("tokens", {}).items()))
+        out = cfg.data.prepared_path(cfg.output_dir)
+        meta = prepare(cfg.data, out, progress=True, workers=args.workers, skip_bad_input=args.skip_bad_input)
+        print(f"prepared {out}: {summary(meta)}")
         return 0
     from competesmoe.launcher.train import run
 

@@ -6,6 +6,7 @@ which rank this is; without it the process is a world of one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import os
 import signal
@@ -57,14 +58,47 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"output_dir {run_dir} is not writable ({err.strerror}); choose another output_dir") from None
 
 
-def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
-    from competesmoe.data.prepare import prepare
+PREPARE_HEARTBEAT_S = 20.0
 
-    data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
-    if rank == 0:
-        prepare(cfg.data, data_dir, progress=True)
-    dist.barrier()
+
+def prepare_data(cfg: Config, run_dir: Path, rank: int) -> Path:
+    """Rank 0 makes sure the data is prepared (a data.path corpus is prepared here when needed; a data.inputs
+    corpus must have been prepared by `competesmoe prepare`); the other ranks wait as long as that takes."""
+    from competesmoe.data.prepare import ensure_prepared
+
+    data_dir = cfg.data.prepared_path(run_dir)
+    on_rank0_while_others_wait(lambda: ensure_prepared(cfg.data, data_dir), rank)
     return data_dir
+
+
+def on_rank0_while_others_wait(work, rank: int) -> None:
+    """Rank 0 runs work() while the other ranks wait, with no deadline; rank 0's error is raised on every rank.
+
+    The waiting is a broadcast every PREPARE_HEARTBEAT_S seconds on a gloo group (CPU tensors work under NCCL
+    too) whose timeout is ten heartbeats: no collective comes near it, however long the work takes, while a
+    rank 0 that died is noticed within it.
+    """
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10 * PREPARE_HEARTBEAT_S))
+    done = torch.zeros(1)
+    failure = [None]
+    if rank == 0:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(work)
+            while not done.item():
+                concurrent.futures.wait([future], timeout=PREPARE_HEARTBEAT_S)
+                done.fill_(float(future.done()))
+                dist.broadcast(done, 0, group=group)
+        err = future.exception()
+        failure[0] = None if err is None else str(err) if isinstance(err, UserError) else f"rank 0 failed: {err!r}"
+    else:
+        while not done.item():
+            dist.broadcast(done, 0, group=group)
+    dist.broadcast_object_list(failure, 0, group=group)
+    dist.destroy_process_group(group)
+    if rank == 0 and future.exception() is not None:
+        raise future.exception()
+    if failure[0] is not None:
+        raise UserError(failure[0])
 
 
 def resume_point(cfg: Config, ckpt_root: Path):
@@ -82,7 +116,7 @@ def resume_point(cfg: Config, ckpt_root: Path):
 
 
 def run(cfg: Config) -> None:
-    from competesmoe.data.prepare import resolve_corpus
+    from competesmoe.data.prepare import check_before_start
 
     torch.set_num_threads(cfg.parallel.threads_per_rank)
     device = pick_device(cfg.parallel.device)
@@ -90,7 +124,7 @@ def run(cfg: Config) -> None:
     check_output_dir(cfg, run_dir)
     # Checks that need no peer come before any collective, so every rank fails alike and at once.
     validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    resolve_corpus(cfg.data.path)
+    check_before_start(cfg.data)
     init_distributed(cfg, device)
     rank = dist.get_rank()
     groups = build_groups(cfg.parallel.expert_parallel_size)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.common.errors import UserError, is_peer_failure
-from competesmoe.data.loader import TrainSampler, eval_batches
+from competesmoe.data.loader import open_train_data
 from competesmoe.data.meta import load_meta
 from competesmoe.data.tokenizer import quality
 from competesmoe.launcher import checkpoint
@@ -110,8 +110,13 @@ class Trainer:
 
         self.schedule = CompetitionSchedule(cfg.moe.competition, cfg.train.seed, cfg.train.max_steps,
                                             self.num_moe_layers, enabled=cfg.moe.competes)
-        self.sampler = TrainSampler(data_dir, "train", cfg.model.seq_len, cfg.train.micro_batch_size,
-                                    groups.rank, groups.dp_size, cfg.train.seed)
+        t = cfg.train
+        self.data = open_train_data(cfg.data, data_dir, cache_dir=Path(cfg.output_dir) / "gpt_index_cache",
+                                    seq_len=cfg.model.seq_len, micro_batch_size=t.micro_batch_size,
+                                    dp_rank=groups.rank, dp_size=groups.dp_size, seed=t.seed,
+                                    train_samples=t.max_steps * t.grad_accum * t.micro_batch_size * groups.dp_size,
+                                    eval_samples=t.eval_batches * t.micro_batch_size * groups.dp_size)
+        self.sampler = self.data.sampler
         self.routing_stats = RoutingStats()
         self.nan_steps = injected_nan_steps()
         self.peak_tflops, self.peak_source = device_peak_tflops(cfg.train.peak_tflops, device, cfg.train.precision)
@@ -230,8 +235,7 @@ class Trainer:
         self.engine.eval()
         t = self.cfg.train
         total = torch.zeros(2, dtype=torch.float64)
-        for inputs_BS, targets_BS in eval_batches(self.data_dir, split, self.cfg.model.seq_len, t.micro_batch_size,
-                                                  self.groups.rank, self.groups.dp_size, t.eval_batches):
+        for inputs_BS, targets_BS in self.data.eval_batches(split, t.eval_batches):
             out = self.engine(inputs_BS.to(self.device), targets_BS.to(self.device), frozenset(),
                               self.routing_context())
             total += torch.tensor([out.lm_loss.double().item() * targets_BS.numel(), targets_BS.numel()])

@@ -1,7 +1,9 @@
 """The cluster job specs (docker/compose.yaml, docker/slurm/train.sbatch, docker/k8s/train-job.yaml)
 parse, and on every node they start exactly what `competesmoe launch` starts: each node's command is
 run through the real CLI with --dry-run and the printed command is checked (one rendezvous endpoint,
-distinct node ranks 0..N-1, N nodes, node 0 hosting the store, the same training arguments)."""
+distinct node ranks 0..N-1, N nodes, node 0 hosting the store, the same training arguments). Each spec
+runs `competesmoe prepare` as a step of its own before training, with the training's config and
+overrides (so into the directory the training reads)."""
 
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def test_compose_nodes_and_tensorboard():
     assert len(nodes) == 2
     dockerfile = (DOCKER / "Dockerfile.cpu").read_text()
     assert 'ENTRYPOINT ["competesmoe"]' in dockerfile  # so `command: [launch, ...]` is `competesmoe launch ...`
-    build = services["node0"]["build"]
+    build = services["prepare"]["build"]
     assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile.cpu"
     by_rank = {}
     for name, service in nodes.items():
@@ -97,12 +99,48 @@ def test_compose_nodes_and_tensorboard():
     assert "runs:/workspace/runs:ro" in board["volumes"] and "runs" in spec["volumes"]
 
 
+def image_args(args: list[str]) -> list[str]:
+    """A spec's arguments with the image's paths mapped onto this checkout."""
+    return [str(ROOT / a[len(IMAGE_ROOT):]) if a.startswith(IMAGE_ROOT) else a for a in args]
+
+
+def check_prepare_matches_training(prepare_args: list[str], train: list[str], tmp_path: Path | None = None) -> None:
+    """`competesmoe prepare ARGS` prepares the very directory `train` reads; with tmp_path it really runs
+    (output_dir moved under tmp_path) and leaves a finished preparation there."""
+    from competesmoe.data.meta import load_meta
+    from competesmoe.launcher.cli import main
+    from competesmoe.launcher.config import load_config
+
+    assert prepare_args == train, "prepare gets the training's config and overrides"
+    prepare_cfg = load_config(prepare_args[0], prepare_args[1:])
+    train_cfg = load_config(train[0], train[1:])
+    assert prepare_cfg.data.prepared_path(prepare_cfg.output_dir) == train_cfg.data.prepared_path(train_cfg.output_dir)
+    if tmp_path is not None:
+        moved = [a for a in prepare_args if not a.startswith("output_dir=")] + [f"output_dir={tmp_path / 'run'}"]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["prepare", *moved]) == 0
+        assert load_meta(tmp_path / "run" / "data")["tokenizer"]["kind"] == train_cfg.data.tokenizer
+
+
+def test_compose_prepares_before_the_nodes(tmp_path):
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    prepare = [str(word) for word in services["prepare"]["command"]]
+    assert prepare[0] == "prepare" and "restart" not in services["prepare"]
+    for name in ("node0", "node1"):
+        assert services[name]["depends_on"]["prepare"] == {"condition": "service_completed_successfully"}
+        _, argv = dry_run([str(word) for word in services[name]["command"]])
+        check_prepare_matches_training(image_args(prepare[1:]), train_args(argv), tmp_path if name == "node0" else None)
+    assert "runs:/workspace/runs" in services["prepare"]["volumes"]
+
+
 # ---------------------------------------------------------------------------------------------- Slurm
 
 SRUN = r"""#!/bin/bash
-# srun stand-in: run the command once per node of the allocation, with that node's SLURM_NODEID
-while [[ "$1" == -* ]]; do shift; done
-for ((node = 0; node < SLURM_NNODES; node++)); do
+# srun stand-in: run the command once per node of the allocation (once on the first with --ntasks=1),
+# with that node's SLURM_NODEID
+nodes=$SLURM_NNODES
+while [[ "$1" == -* ]]; do [ "$1" = --ntasks=1 ] && nodes=1; shift; done
+for ((node = 0; node < nodes; node++)); do
   SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?
 done
 """
@@ -112,8 +150,9 @@ SCONTROL = """#!/bin/bash
 [ "$1 $2" = "show hostnames" ] && { printf 'gpu-a01\\n'; sleep 0.3; printf 'gpu-a02\\n'; }
 """
 COMPETESMOE = """#!/bin/bash
-# the real CLI, told to print its command only
+# the real CLI, told to print its command only; prepare just says what it would prepare
 sub=$1; shift
+[ "$sub" = prepare ] && {{ printf 'PREPARE'; printf ' %q' "$@"; printf '\\n'; exit 0; }}
 exec "{python}" -m competesmoe.launcher.cli "$sub" --dry-run "$@"
 """
 
@@ -124,7 +163,7 @@ def stub(folder: Path, name: str, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def run_sbatch(tmp_path, **env) -> list[tuple[dict, list[str]]]:
+def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]]:
     import sys
 
     bin_dir = tmp_path / "bin"
@@ -138,9 +177,12 @@ def run_sbatch(tmp_path, **env) -> list[tuple[dict, list[str]]]:
                              "output_dir=/shared/runs/s"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **slurm, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
-    assert len(lines) == 2, result.stdout
-    return [underlying(line) for line in lines]
+    out = result.stdout.splitlines()
+    lines = [line for line in out if line.startswith("+ ")]
+    prepares = [line for line in out if line.startswith("PREPARE")]
+    assert len(lines) == 2 and len(prepares) == 1, result.stdout
+    assert out.index(prepares[0]) < out.index(lines[0]), "prepare runs before the nodes start"
+    return [underlying(line) for line in lines], shlex.split(prepares[0])[1:]
 
 
 def test_sbatch_parses():
@@ -150,7 +192,8 @@ def test_sbatch_parses():
 
 
 def test_sbatch_torchrun_on_every_node(tmp_path):
-    nodes = run_sbatch(tmp_path, IFNAME="lo")
+    nodes, prepare = run_sbatch(tmp_path, IFNAME="lo")
+    check_prepare_matches_training(prepare, train_args(nodes[0][1]))
     check_torchrun_nodes(nodes, 2, "gpu-a01:29500", "8")
     assert {option(argv, "--rdzv_id") for _, argv in nodes} == {"4242"}
     assert train_args(nodes[0][1]) == ["configs/switch-small.yaml", "output_dir=/shared/runs/s"]
@@ -158,7 +201,7 @@ def test_sbatch_torchrun_on_every_node(tmp_path):
 
 
 def test_sbatch_deepspeed_per_node(tmp_path):
-    nodes = run_sbatch(tmp_path, LAUNCHER="deepspeed")
+    nodes, _ = run_sbatch(tmp_path, LAUNCHER="deepspeed")
     for rank, (env, argv) in enumerate(nodes):
         assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_ssh" in argv
         assert option(argv, "--node_rank") == str(rank) and option(argv, "--master_addr") == "gpu-a01"
@@ -197,6 +240,12 @@ def test_kubernetes_indexed_job():
     assert "/dev/shm" in mounts and option(command, "--ifname") == "eth0"
     out = next(a for a in train_args(nodes[0][1]) if a.startswith("output_dir="))
     assert any(out.split("=", 1)[1].startswith(m) for m in mounts), "output_dir on the shared volume"
+    # every pod prepares first (an init container; the prepare lock on the shared volume lets one do the work)
+    (init,) = pod["initContainers"]
+    assert init["command"][:2] == ["competesmoe", "prepare"] and init["image"] == container["image"]
+    check_prepare_matches_training(image_args(init["command"][2:]), train_args(nodes[0][1]))
+    assert {(m["name"], m["mountPath"]) for m in init["volumeMounts"]} <= \
+        {(m["name"], m["mountPath"]) for m in container["volumeMounts"]}
 
 
 @pytest.mark.parametrize("spec", ["compose.yaml", "k8s/train-job.yaml"])
