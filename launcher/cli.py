@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(eval_parser)
 
     export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
-    export.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny-cpu/checkpoints/step00000500")
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny-cpu/checkpoints/step00000500, a run's "
+                                           "output_dir (its newest checkpoint) or an exported .safetensors model")
     export.add_argument("out", help="output .safetensors file (must not exist)")
 
     from competesmoe.launcher import plan
@@ -164,8 +165,6 @@ def export_checkpoint(checkpoint_dir: str, out: str) -> int:
 
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output file (nothing is overwritten)")
-    if not Path(checkpoint_dir).is_dir():
-        raise UserError(f"checkpoint {checkpoint_dir} is not a directory; pass e.g. OUTPUT_DIR/checkpoints/stepNNNNNNNN")
     print(f"wrote {export_safetensors(Path(checkpoint_dir), Path(out))}")
     return 0
 

@@ -2,17 +2,18 @@
 
     competesmoe eval RUN_DIR --text FILE [--split all|train|valid|test] [--top-k K] [--batch-size N]
 
-RUN_DIR is a run's output_dir (its newest published checkpoint), its checkpoints/ folder, or one
-checkpoint folder (checkpoints/step00000300). The text is read like `prepare` reads a corpus (.txt,
-.xml, or .bz2/.gz of one) and tokenized with the run's own tokenizer; `--split` takes the same
-90/5/5 byte ranges as `prepare` (default: the whole file). Every token but the first is predicted
-once, in non-overlapping windows of model.seq_len (the training windows; the last one may be
-shorter). Byte-level runs report bits per character (BPC = bits per byte); SentencePiece runs
+RUN_DIR is a run's output_dir (its newest checkpoint that verifies), its checkpoints/ folder, one
+checkpoint folder (checkpoints/step00000300) or an exported .safetensors model. The text is read like
+`prepare` reads a corpus (.txt, .xml, or .bz2/.gz of one) and tokenized with the run's own tokenizer;
+`--split` takes the same 90/5/5 byte ranges as `prepare` (default: the whole file). Every token but the
+first is predicted once, in non-overlapping windows of model.seq_len (the training windows; the last one
+may be shorter). Byte-level runs report bits per character (BPC = bits per byte); SentencePiece runs
 report perplexity per token and bits per byte of the text.
 
-The model is rebuilt in this process on the CPU (no DeepSpeed engine, any EP size of the saved run):
-the DeepSpeed model file plus the per-EP-rank expert files. Evaluation never competes; routing
-policies get the step the checkpoint was taken at (StableMoE's stage) and `--top-k` overrides K.
+The model is rebuilt in this process on the CPU (no DeepSpeed engine, any EP size of the saved run) by
+launcher.checkpoint, which verifies the checkpoint first and takes its config from run_state.json.
+Evaluation never competes; routing policies get the step the checkpoint was taken at (StableMoE's stage)
+and `--top-k` overrides K.
 
 Shape legend: B batch, S sequence, V vocabulary.
 """
@@ -30,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from competesmoe.common.errors import UserError
-from competesmoe.launcher.config import Config, ConfigError, load_config
+from competesmoe.launcher.config import Config
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
 SPLITS = ("all", "train", "valid", "test")
 
 
@@ -46,6 +46,7 @@ class LoadedRun:
     """Optimizer steps the checkpoint was taken after."""
     run_dir: Path
     tag_dir: Path
+    """The checkpoint folder, or the exported .safetensors file."""
     data_dir: Path
     """The run's prepared data (its tokenizer and splits)."""
 
@@ -53,57 +54,14 @@ class LoadedRun:
         return RoutingContext(step=self.step, total_steps=self.cfg.train.max_steps, top_k=top_k)
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run_dir, tag_dir) for a run directory, its checkpoints/ folder, or one checkpoint folder."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass a run's output_dir or one of its checkpoints")
-    if (path / MODEL_FILE).is_file():
-        return path.parent.parent, path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tag = None
-    if (root / "latest").is_file():
-        tag = (root / "latest").read_text().strip()
-    if not tag or not (root / tag / MODEL_FILE).is_file():
-        tags = sorted(p.name for p in root.glob("step*") if (p / MODEL_FILE).is_file())
-        tag = tags[-1] if tags else None
-    if tag is None:
-        raise UserError(f"{path} holds no checkpoint ({root}/step*/{MODEL_FILE}); train the run to the end first")
-    return root.parent, root / tag
-
-
 def load_run(path: str | Path) -> LoadedRun:
-    """Rebuild the model of a checkpoint in this process (CPU, eval mode)."""
-    from competesmoe.data.meta import load_meta
-    from competesmoe.parallel import deepspeed_moe
+    """Rebuild the model of a checkpoint (a run's output_dir, its checkpoints/ folder, one checkpoint folder or
+    an exported .safetensors file) in this process (CPU, eval mode), verified first."""
+    from competesmoe.launcher.checkpoint import load_model, prepared_data
 
-    run_dir, tag_dir = find_checkpoint(path)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{config_file} does not exist: {run_dir} is not a run directory written by `competesmoe train`")
-    try:
-        cfg = load_config(config_file, ["resume=none"])
-    except ConfigError as err:
-        raise UserError(f"{config_file}: {err}") from None
-    data_dir = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else run_dir / "data"
-    if not data_dir.is_dir():
-        raise UserError(f"the run's prepared data {data_dir} is missing (its tokenizer is needed); prepare it again "
-                        f"with `competesmoe prepare {config_file}`")
-    meta = load_meta(data_dir)
-
-    state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=False)
-    module = dict(state["module"])
-    model = TransformerLM(cfg.model, cfg.moe, vocab_size=meta["tokenizer"]["vocab_size"])
-    expert_names = [n for n, _ in model.named_parameters() if ".experts." in f".{n}"]
-    if expert_names:
-        module.update(deepspeed_moe.load_expert_state(str(tag_dir), expert_names, 0, cfg.moe.num_experts))
-    missing, unexpected = model.load_state_dict(module, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {tag_dir} does not fit the model of {config_file} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    step = int((state.get("trainer") or {}).get("step", state.get("global_steps", 0)))
-    model.eval()
-    return LoadedRun(model=model, cfg=cfg, step=step, run_dir=run_dir, tag_dir=tag_dir, data_dir=data_dir)
+    saved, model = load_model(path)
+    return LoadedRun(model=model, cfg=saved.cfg, step=saved.step, run_dir=saved.run_dir, tag_dir=saved.path,
+                     data_dir=prepared_data(saved))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +153,8 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a run's output_dir, its checkpoints/ folder, or one checkpoint folder")
+    parser.add_argument("checkpoint", help="a run's output_dir, its checkpoints/ folder, one checkpoint folder, or "
+                                           "an exported .safetensors model")
     parser.add_argument("--text", required=True, help="raw text file (.txt/.xml, or .bz2/.gz of one)")
     parser.add_argument("--split", default="all", choices=SPLITS,
                         help="score the whole file (default) or one of prepare's 90/5/5 byte splits of it")

@@ -19,13 +19,11 @@ import yaml
 
 from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.common.net import free_port
-from competesmoe.launcher import checkpoint
+from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
 from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
 from competesmoe.launcher.trainer import Trainer, pick_device
 from competesmoe.parallel.groups import build_groups
-
-CHECKPOINTS = "checkpoints"
 
 
 def init_distributed(cfg: Config, device: torch.device) -> None:
@@ -101,19 +99,6 @@ def on_rank0_while_others_wait(work, rank: int) -> None:
         raise UserError(failure[0])
 
 
-def resume_point(cfg: Config, ckpt_root: Path):
-    """(tag_dir, run_state) to resume from, None to start fresh, or an error message (rank 0 decides)."""
-    if cfg.resume == "none":
-        return None
-    try:
-        if cfg.resume == "auto":
-            found = checkpoint.find_resumable(ckpt_root)
-            return None if found is None else (str(found[0]), found[1])
-        tag_dir = Path(cfg.resume)
-        return str(tag_dir), checkpoint.verify(tag_dir)
-    except UserError as err:
-        return str(err)
-
 
 def run(cfg: Config) -> None:
     from competesmoe.data.prepare import check_before_start
@@ -131,20 +116,18 @@ def run(cfg: Config) -> None:
     data_dir = prepare_data(cfg, run_dir, rank)
 
     trainer = Trainer(cfg, groups, device, data_dir)
-    ckpt_root = run_dir / CHECKPOINTS
-    found = checkpoint.agree(resume_point(cfg, ckpt_root) if rank == 0 else None, rank)
-    if isinstance(found, str):  # rank 0's error, raised on every rank
-        raise checkpoint.CheckpointError(found)
+    checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg, groups, trainer.meta["tokenizer"],
+                                    TrainingState(engine=trainer.engine, trainer=trainer, sampler=trainer.sampler))
+    found = checkpoints.resume_point()
     if found is not None:
-        tag_dir, saved = Path(found[0]), found[1]
-        trainer.load_checkpoint(tag_dir, saved)
+        checkpoints.load(found)
         if rank == 0:
-            print(f"resumed from {tag_dir} at step {trainer.step}", flush=True)
+            print(f"resumed from {found.path} at step {trainer.step}", flush=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     try:
-        fit(trainer, writer, ckpt_root, rank, PreemptionFlag())
+        fit(trainer, checkpoints, writer, rank, PreemptionFlag())
     except (dist.DistError, RuntimeError) as err:
         if not is_peer_failure(err):
             raise
@@ -177,7 +160,8 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, preempt: PreemptionFlag) -> None:
+def fit(trainer: Trainer, checkpoints: CheckpointManager, writer: MetricsWriter, rank: int,
+        preempt: PreemptionFlag) -> None:
     from tqdm import tqdm
 
     t = trainer.cfg.train
@@ -198,11 +182,11 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, pre
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             writer.write(trainer.evaluate("valid"))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            trainer.save_checkpoint(ckpt_root)
+            checkpoints.save()
         if preempt.agreed():
             if step % t.log_every:
                 writer.write(record, trainer.take_routing_stats())
-            trainer.save_checkpoint(ckpt_root)
+            checkpoints.save()
             if rank == 0:
                 bar.write(f"competesmoe: SIGTERM: saved a checkpoint at step {step}; resume=auto continues")
             return
@@ -213,4 +197,4 @@ def fit(trainer: Trainer, writer: MetricsWriter, ckpt_root: Path, rank: int, pre
         if rank == 0:
             figure = "bpc" if "bpc" in result else "ppl"
             print(f"{split}: loss {result['loss']:.4f} {figure} {result[figure]:.4f}")
-    trainer.save_checkpoint(ckpt_root)
+    checkpoints.save()

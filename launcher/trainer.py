@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -16,19 +15,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from competesmoe.common.errors import UserError, is_peer_failure
+from competesmoe.common.errors import UserError
 from competesmoe.data.loader import open_train_data
 from competesmoe.data.meta import load_meta
 from competesmoe.data.tokenizer import quality
-from competesmoe.launcher import checkpoint
-from competesmoe.launcher.config import Config, to_dict
+from competesmoe.launcher.config import Config
 from competesmoe.launcher.hardware import device_peak_tflops
 from competesmoe.launcher.metrics import RoutingStats
 from competesmoe.moe.flops import training_flops_per_token
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
-from competesmoe.parallel import deepspeed_moe
+from competesmoe.parallel.deepspeed.clipping import clip_grad_norm_ep
+from competesmoe.parallel.deepspeed.engine import make_engine
 from competesmoe.parallel.groups import ParallelGroups
 from competesmoe.parallel.parallelize import parallelize
 
@@ -98,13 +97,12 @@ class Trainer:
         groups_wd = param_groups(model, cfg.train.weight_decay)
         if self.num_moe_layers:  # expert gradients reduced over the expert-data-parallel group
             # Expert params are tagged even at EP 1 so checkpoints always store experts one way.
-            self.engine, self.optimizer, self.scheduler = deepspeed_moe.make_engine(
+            self.engine, self.optimizer, self.scheduler = make_engine(
                 model, ds_config, groups.ep_size, cfg.moe.num_experts, self._make_optimizer,
                 param_groups=groups_wd, lr_scheduler=self._make_scheduler)
         else:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=self._make_optimizer(groups_wd), lr_scheduler=self._make_scheduler, config=ds_config)
-        self.has_experts = self.num_moe_layers > 0
         # Per-rank streams for dropout and router jitter, distinct between ranks.
         seed_everything(cfg.train.seed + 1000 * (groups.rank + 1))
 
@@ -203,7 +201,7 @@ class Trainer:
     def _clip_zero0(self) -> float:
         """ZeRO 0: the global gradient norm (each expert counted once), clipping, and the skip of a
         non-finite step."""
-        norm = float(deepspeed_moe.clip_grad_norm_ep(self.engine.module, self.cfg.train.grad_clip))
+        norm = float(clip_grad_norm_ep(self.engine.module, self.cfg.train.grad_clip))
         self._make_step_a_skip(not math.isfinite(norm))
         return norm
 
@@ -249,159 +247,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Trainer state beyond model/optimizer/scheduler (which DeepSpeed checkpoints)."""
-        return {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        """The trainer's own state (the engine, sampler and RNG are checkpointed by launcher.checkpoint)."""
+        return {"step": self.step, "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_streak = state["nonfinite_streak"]
-        self.sampler.load_state_dict(state["sampler"])
-
-    def rng_state(self) -> dict:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-    def load_rng_state(self, state: dict) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-    def run_state(self) -> dict:
-        """What a resume must check before touching tensors: layout, tokenizer, shapes."""
-        return {"step": self.step, "world_size": self.groups.world_size, "ep_size": self.groups.ep_size,
-                "zero_stage": self.cfg.train.zero_stage, "optimizer_kind": self.optimizer_kind,
-                "tokenizer": self.meta["tokenizer"],
-                "config": to_dict(self.cfg)}
-
-    def save_checkpoint(self, ckpt_root: Path) -> str:
-        """Write aside, then publish atomically (launcher.checkpoint). Collective."""
-        self._refuse_nonfinite_weights()
-        self._refuse_full_disk(ckpt_root)
-        try:
-            return self._save_checkpoint(ckpt_root)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            if is_peer_failure(err):  # a dead peer, not a write failure: leave its staged files alone
-                raise
-            shutil.rmtree(ckpt_root / checkpoint.STAGING / checkpoint.tag_for(self.step), ignore_errors=True)
-            raise UserError(f"saving the step-{self.step} checkpoint under {ckpt_root} failed "
-                            f"({getattr(err, 'strerror', None) or str(err).splitlines()[0][:120]}); the previous "
-                            f"checkpoint is kept; free space or choose another output_dir") from None
-
-    def _refuse_full_disk(self, ckpt_root: Path) -> None:
-        """Weights plus two Adam moments, twice over (DeepSpeed's files and ours), must fit."""
-        need = 5 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        short = torch.tensor([float(shutil.disk_usage(ckpt_root).free < need)])
-        dist.all_reduce(short, op=dist.ReduceOp.MAX)
-        if short.item():
-            raise UserError(f"No space left for the step-{self.step} checkpoint under {ckpt_root} (about "
-                            f"{need / 2**20:.0f} MiB per rank needed); the previous checkpoint is kept; free space "
-                            f"or choose another output_dir")
-
-    def _save_checkpoint(self, ckpt_root: Path) -> str:
-        tag = checkpoint.tag_for(self.step)
-        staging = checkpoint.prepare_staging(ckpt_root, tag, self.groups.rank)
-        client_state = {"trainer": self.state_dict()}
-        if self.has_experts:  # experts are written once per EP rank, outside DeepSpeed's model file
-            deepspeed_moe.save_checkpoint(self.engine, str(staging), tag=tag, client_state=client_state,
-                                          save_latest=False)
-        else:
-            self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-        self._save_named_optimizer_state(staging / tag)
-        torch.save(self.rng_state(), staging / tag / f"rng_rank{self.groups.rank:05d}.pt")
-        dist.barrier()
-        if self.groups.rank == 0:
-            checkpoint.publish(ckpt_root, tag, self.run_state(), self.cfg.train.keep_checkpoints)
-        dist.barrier()
-        return tag
-
-    @property
-    def optimizer_kind(self) -> str:
-        """What holds the Adam state, which decides the format of the state saved by name: ZeRO 1 and 2 share
-        one (DeepSpeed's partitions, fp32 masters), ZeRO 0 has one per precision."""
-        t = self.cfg.train
-        return "zero-partitions" if t.zero_stage > 0 else f"zero0-{t.precision}"
-
-    def _refuse_nonfinite_weights(self) -> None:
-        bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in self.engine.module.parameters()))])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise UserError(f"refusing to save a checkpoint with non-finite weights at step {self.step}; "
-                            f"the last good checkpoint is kept")
-
-    def _save_named_optimizer_state(self, tag_dir: Path) -> None:
-        """Adam state by parameter name (experts sliced per EP rank) so a resume at another EP or world size
-        can rebuild it; DeepSpeed's own optimizer files are tied to the layout."""
-        state = deepspeed_moe.named_optimizer_state(self.engine)
-        dense = {n: s for n, s in state.items() if not deepspeed_moe.is_moe_param(self._param(n))}
-        if self.groups.rank == 0:
-            torch.save(dense, tag_dir / "optim_dense.pt")
-        if self.has_experts:
-            tensors = {f"{n}:{k}": v for n, s in state.items() if n not in dense for k, v in s.items() if k != "step"}
-            deepspeed_moe.write_expert_slices(self.engine.module, str(tag_dir), "optim_experts", tensors)
-
-    def _param(self, name: str) -> torch.nn.Parameter:
-        return dict(self.engine.module.named_parameters())[name]
-
-    def _load_named_optimizer_state(self, tag_dir: Path) -> None:
-        dense = torch.load(tag_dir / "optim_dense.pt", weights_only=False)
-        params = dict(self.engine.module.named_parameters())
-        expert_names = [n for n, p in params.items() if deepspeed_moe.is_moe_param(p)]
-        state = dict(dense)
-        if expert_names:
-            local = self.cfg.moe.num_experts // self.groups.ep_size
-            kinds = [k for k in next(iter(dense.values())) if k != "step"]  # the moments (+ fp32 under ZeRO)
-            keys = [f"{n}:{k}" for n in expert_names for k in kinds]
-            tensors = deepspeed_moe.load_expert_state(str(tag_dir), keys, self.groups.ep_rank * local, local,
-                                                      prefix="optim_experts")
-            step = next(iter(dense.values()))["step"]
-            for name in expert_names:
-                state[name] = {"step": step.clone(), **{k: tensors[f"{name}:{k}"] for k in kinds}}
-        deepspeed_moe.load_named_optimizer_state(self.engine, state)
-        # The groups' lr lives in the optimizer state DeepSpeed did not load; the restored scheduler knows it.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
-
-    def check_compatible(self, saved: dict, source: Path) -> None:
-        """Refuse a checkpoint whose tokenizer or model shape differs from this run's, naming the field."""
-        if saved["tokenizer"] != self.meta["tokenizer"]:
-            raise UserError(f"checkpoint {source} was trained with tokenizer {saved['tokenizer']} but the data in "
-                            f"{self.data_dir} uses {self.meta['tokenizer']}; use the same data.tokenizer/data.path")
-        now = to_dict(self.cfg)
-        for section, fields in SHAPE_FIELDS.items():
-            for name in fields:
-                before, after = saved["config"][section][name], now[section][name]
-                if before != after:
-                    raise UserError(f"{section}.{name} is {after} but checkpoint {source} was trained with {before}; "
-                                    f"a resumed run keeps the model shape")
-
-    def load_checkpoint(self, tag_dir: Path, saved: dict) -> None:
-        """Resume from a verified checkpoint; a different world or EP size reshards (see `optimizer_kind`)."""
-        self.check_compatible(saved, tag_dir)
-        same_layout = (saved["world_size"], saved["ep_size"]) == (self.groups.world_size, self.groups.ep_size)
-        if not same_layout and saved.get("optimizer_kind") != self.optimizer_kind:
-            was = saved["config"]["train"]
-            raise UserError(f"checkpoint {tag_dir} was saved on {saved['world_size']} ranks at EP {saved['ep_size']} "
-                            f"with train.zero_stage={was['zero_stage']} train.precision={was['precision']}; to "
-                            f"reshard it to {self.groups.world_size} ranks at EP {self.groups.ep_size} resume with "
-                            f"the same optimizer setup (ZeRO 1 and 2 mix), or resume on the same layout")
-        load = deepspeed_moe.load_checkpoint if self.has_experts else type(self.engine).load_checkpoint
-        _, client_state = load(self.engine, str(tag_dir.parent), tag=tag_dir.name,
-                               load_optimizer_states=same_layout)
-        if not same_layout:
-            self._load_named_optimizer_state(tag_dir)
-        self.load_state_dict(client_state["trainer"])
-        rng_file = tag_dir / f"rng_rank{self.groups.rank:05d}.pt"
-        if same_layout:
-            self.load_rng_state(torch.load(rng_file, weights_only=False))
-
-
-SHAPE_FIELDS = {
-    "model": ["d_model", "n_layers", "n_heads", "seq_len", "layout", "positions", "tie_embeddings", "dense_hidden"],
-    "moe": ["num_experts", "expert_hidden", "activation"],
-}
 
 
 FAULT_NAN_STEPS = "COMPETESMOE_FAULT_NAN_STEPS"

@@ -51,7 +51,7 @@ def build_groups(ep_size: int) -> ParallelGroups:
             raise UserError(f"parallel.expert_parallel_size ({ep_size}) needs {ep_size} ranks; "
                             f"start the job with `competesmoe launch --nproc {ep_size} ...`")
         return single_process_groups()
-    from competesmoe.parallel.deepspeed_moe import ensure_expert_groups
+    from competesmoe.parallel.deepspeed.engine import ensure_expert_groups
 
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % ep_size:

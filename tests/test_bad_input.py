@@ -4,6 +4,7 @@ fix, exit code 2, no traceback, and nothing the user had is changed."""
 import contextlib
 import hashlib
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from typing import Callable
 import pytest
 import torch.distributed
 
-from support import TINY, competesmoe
+from support import ROOT, TINY, competesmoe
 
 pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
@@ -44,6 +45,8 @@ class Case:
     needle: Callable[[Path, Path], str]
     """What the one error line must contain."""
     setup: Callable[[Path], None] = lambda scratch: None
+    damage: Callable[[Path], None] = lambda tag_dir: None
+    """Applied to the copy's step-2 checkpoint folder before the command."""
     in_process: bool = True
     """Fails before any process group exists, so it runs in the test process (fast); else a subprocess."""
 
@@ -56,12 +59,105 @@ def write(name: str, data: bytes) -> Callable[[Path], None]:
     return lambda d: (d / name).write_bytes(data)
 
 
-def corrupt_checkpoint(run: Path) -> Path:
-    victim = run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    return victim
+def step2(run: Path) -> Path:
+    return run / "checkpoints" / "step00000002"
+
+
+PAYLOAD_MARKER = "payload_ran"
+"""The file a payload creates when it is unpickled, in the folder that holds the run (a test's tmp_path)."""
+
+
+class Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def rehash(tag_dir: Path) -> None:
+    """Make the manifest agree with the files again, as a forger (or a buggy writer) would."""
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        data = (tag_dir / name).read_bytes()
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tag_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def add_payload(path: Path) -> None:
+    """The same file, plus an object whose unpickling creates the marker."""
+    from competesmoe.launcher.checkpoint.rng import LEGACY_GLOBALS
+    from competesmoe.parallel.deepspeed.safe_load import safe_load
+
+    content = safe_load(path, extra_globals=LEGACY_GLOBALS)
+    torch.save({**content, "extra": Payload(path.parents[3] / PAYLOAD_MARKER)}, path)  # run/checkpoints/stepN/x.pt
+
+
+def payload_in(name: str) -> Callable[[Path], None]:
+    def damage(tag_dir: Path) -> None:
+        add_payload(tag_dir / name)
+        rehash(tag_dir)
+    return damage
+
+
+def manifest_is(text: str) -> Callable[[Path], None]:
+    return lambda tag_dir: (tag_dir / "manifest.json").write_text(text)
+
+
+def run_state_is(text: str) -> Callable[[Path], None]:
+    def damage(tag_dir: Path) -> None:
+        (tag_dir / "run_state.json").write_text(text)
+        rehash(tag_dir)
+    return damage
+
+
+def unlisted(name: str) -> Callable[[Path], None]:
+    def damage(tag_dir: Path) -> None:
+        manifest = json.loads((tag_dir / "manifest.json").read_text())
+        del manifest["files"][name]
+        (tag_dir / "manifest.json").write_text(json.dumps(manifest))
+    return damage
+
+
+def flip_a_byte(name: str) -> Callable[[Path], None]:
+    def damage(tag_dir: Path) -> None:
+        data = bytearray((tag_dir / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tag_dir / name).write_bytes(bytes(data))
+    return damage
+
+
+PT_FILES = ["mp_rank_00_model_states.pt", "expp_rank_0_mp_rank_00_optim_states.pt", "experts_ep000_of_001.pt",
+            "optim_dense.pt", "optim_experts_ep000_of_001.pt", "rng_rank00000.pt"]
+"""Every kind of .pt in a one-rank ZeRO-0 checkpoint (ZeRO 1/2's partition files: tests/test_deepspeed_moe.py)."""
+DAMAGES: dict[str, tuple[Callable[[Path], None], Callable[[Path], str]]] = {
+    "manifest []": (manifest_is("[]"), lambda t: f"{t / 'manifest.json'} is not a checkpoint manifest"),
+    "manifest {}": (manifest_is("{}"), lambda t: f"{t / 'manifest.json'} is not a checkpoint manifest"),
+    "manifest lists no files": (manifest_is('{"files": {}}'), lambda t: f"{t / 'manifest.json'} lists no files"),
+    "manifest not JSON": (manifest_is("\x00garbage"), lambda t: f"{t / 'manifest.json'} is not a checkpoint manifest"),
+    "no manifest": (lambda t: (t / "manifest.json").unlink(), lambda t: f"checkpoint {t} has no manifest.json"),
+    "run_state.json missing": (lambda t: (t / "run_state.json").unlink(),
+                               lambda t: f"checkpoint file {t / 'run_state.json'} is missing"),
+    "run_state.json not JSON": (run_state_is("{not json"), lambda t: f"{t / 'run_state.json'} is not JSON"),
+    "run_state.json without world_size": (run_state_is('{"step": 2}'),
+                                          lambda t: f"{t / 'run_state.json'}: world_size is missing"),
+    "manifest omits an expert file": (unlisted("experts_ep000_of_001.pt"),
+                                      lambda t: f"{t / 'manifest.json'} does not list experts_ep000_of_001.pt"),
+    "corrupt model file": (flip_a_byte("mp_rank_00_model_states.pt"),
+                           lambda t: f"{t / 'mp_rank_00_model_states.pt'} is corrupt"),
+    **{f"payload in {name}": (payload_in(name), lambda t, name=name: f"{t / name} holds the Python object exec")
+       for name in PT_FILES},
+}
+"""Ways a checkpoint is damaged (or forged): the damage, and what the one line about it must say."""
+RESUME_PATH_REFUSES = ["manifest []", "manifest {}", "manifest lists no files", "run_state.json missing",
+                       "run_state.json not JSON", "manifest omits an expert file", "corrupt model file",
+                       *(f"payload in {name}" for name in PT_FILES)]
+
+
+def resume_from_step2(d: Path, run: Path) -> list[str]:
+    return ["train", TINY, f"output_dir={run}", *QUICK, f"resume={step2(run)}"]
 
 
 CASES = [
@@ -99,11 +195,10 @@ CASES = [
     Case("tokenizer differs from the checkpoint's", lambda d, r: [
         "train", TINY, f"output_dir={r}", *QUICK, "resume=auto", "data.tokenizer=sentencepiece",
         "data.vocab_size=600", f"data.prepared_dir={d / 'spm'}"], lambda d, r: "was trained with tokenizer", in_process=False),
-    Case("corrupt checkpoint named explicitly", lambda d, r: [
-        "train", TINY, f"output_dir={r}", *QUICK, f"resume={r / 'checkpoints' / 'step00000002'}"],
-         lambda d, r: "mp_rank_00_model_states.pt is corrupt", in_process=False),
     Case("export over an existing file", lambda d, r: ["export", str(r / "checkpoints" / "step00000002"),
                                                       str(r / "config.yaml")], lambda d, r: "already exists"),
+    *(Case(f"resume=PATH refuses: {name}", resume_from_step2, lambda d, r, name=name: DAMAGES[name][1](step2(r)),
+           damage=DAMAGES[name][0], in_process=False) for name in RESUME_PATH_REFUSES),
 ]
 
 
@@ -121,18 +216,70 @@ def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
 def test_bad_input(case: Case, tmp_path, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    if case.name == "corrupt checkpoint named explicitly":
-        corrupt_checkpoint(run)
+    case.damage(step2(run))
     case.setup(tmp_path)
     before_run = snapshot(run)
     result = run_in_process(case.args(tmp_path, run)) if case.in_process else competesmoe(*case.args(tmp_path, run))
+    line = one_error_line(result)
+    assert case.needle(tmp_path, run) in line, line
+    assert snapshot(run) == before_run  # nothing the user had was changed
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / PAYLOAD_MARKER).exists()  # no code from a checkpoint ran
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert case.needle(tmp_path, run) in errors[0], errors[0]
-    assert snapshot(run) == before_run  # nothing the user had was changed
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    return errors[0]
+
+
+def test_resume_auto_skips_every_damaged_checkpoint_and_falls_back(tmp_path, finished_run):
+    """Newer checkpoints damaged in each way: resume=auto names each once, in one line, and continues from the
+    older intact one; the damaged ones are left as they were and no payload ran."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damaged = {}
+    for i, (name, (damage, needle)) in enumerate(DAMAGES.items()):
+        tag_dir = run / "checkpoints" / f"step{3 + i:08d}"
+        shutil.copytree(step2(run), tag_dir)
+        damage(tag_dir)
+        damaged[tag_dir] = (name, needle(tag_dir))
+    before = {tag_dir: snapshot(tag_dir) for tag_dir in damaged}
+    result = competesmoe("train", TINY, f"output_dir={run}", *QUICK, "resume=auto")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"resumed from {step2(run)} at step 2" in result.stdout
+    for tag_dir, (name, needle) in damaged.items():
+        lines = [line for line in result.stderr.splitlines() if f"skipping {tag_dir.name}:" in line]
+        assert len(lines) == 1 and needle in lines[0], (name, lines, result.stderr[-3000:])
+        assert snapshot(tag_dir) == before[tag_dir], name
+    assert not (tmp_path / PAYLOAD_MARKER).exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "finetune", "train"])
+def test_a_checkpoint_whose_every_file_would_run_code_is_refused(command, tmp_path, finished_run):
+    """Every .pt carries a payload (and the manifest agrees): each command refuses in one line naming a file
+    of the checkpoint, nothing is written, and the payload never runs; loading a file unsafely does run it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    tag_dir = step2(run)
+    for path in sorted(tag_dir.glob("*.pt")):
+        add_payload(path)
+    rehash(tag_dir)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("a gripping film\t1\nthe plot is a mess\t0\n")
+    args = {"eval": ["eval", str(tag_dir), "--text", str(ROOT / "README.md")],
+            "export": ["export", str(tag_dir), str(tmp_path / "model.safetensors")],
+            "finetune": ["finetune", str(tag_dir), "--train", str(labels), "--valid", str(labels), "--epochs", "1"],
+            "train": ["train", TINY, f"output_dir={run}", *QUICK, f"resume={tag_dir}"]}[command]
+    before = snapshot(run)
+    line = one_error_line(competesmoe(*args))
+    assert f"checkpoint file {tag_dir}/" in line and ".pt holds the Python object exec" in line, line
+    assert not (tmp_path / PAYLOAD_MARKER).exists()
+    assert snapshot(run) == before and not (tmp_path / "model.safetensors").exists()
+    torch.load(tag_dir / "optim_dense.pt", weights_only=False)  # the control: the payload is live
+    assert (tmp_path / PAYLOAD_MARKER).exists()
 
 
 def test_there_are_at_least_twenty_cases():

@@ -143,11 +143,13 @@ def _worker(rank, world, ep, port, tmpdir):
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from competesmoe.parallel import deepspeed_moe as dsm
+    from competesmoe.parallel.deepspeed import clipping, expert_files
+    from competesmoe.parallel.deepspeed import engine as dse
+    from competesmoe.parallel.deepspeed.safe_load import SafeTorchCheckpointEngine
 
     ds_logger.setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    g = dsm.ensure_expert_groups(ep)
+    g = dse.ensure_expert_groups(ep)
     assert g.ep_rank == rank % ep and g.edp_rank == rank // ep
     e_local = E // ep
     full = full_init()
@@ -155,7 +157,7 @@ def _worker(rank, world, ep, port, tmpdir):
     def new_engine(stage, bf16=False, clip=0.0, init=None):
         model = ToyMoE(e_local)
         model.load_state_dict(local_slice(init or full, g.ep_rank, e_local))
-        engine, _, _ = dsm.make_engine(model, _config(stage, bf16, clip), ep, E,
+        engine, _, _ = dse.make_engine(model, _config(stage, bf16, clip), ep, E,
                                        lambda groups: torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM))
         return engine
 
@@ -163,7 +165,7 @@ def _worker(rank, world, ep, port, tmpdir):
         loss = local_loss(engine, rank, step, g.ep_group, ep, dtype)
         engine.backward(loss)
         if our_clip:
-            dsm.clip_grad_norm_ep(engine.module, our_clip)
+            clipping.clip_grad_norm_ep(engine.module, our_clip)
         engine.step()
 
     def check(engine, ref_state, what, **tol):
@@ -230,7 +232,7 @@ def _worker(rank, world, ep, port, tmpdir):
         ckpt = os.path.join(tmpdir, f"ckpt_w{world}_ep{ep}_z{stage}")
         engine = new_engine(stage)
         train_step(engine, 0)
-        dsm.save_checkpoint(engine, ckpt, tag="t0")
+        expert_files.save_checkpoint(engine, ckpt, tag="t0")
         saved = {k: v.clone() for k, v in engine.module.state_dict().items()}
         train_step(engine, 1)
         continued = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -241,15 +243,16 @@ def _worker(rank, world, ep, port, tmpdir):
             assert len(glob.glob(os.path.join(tagdir, "experts_ep*_of_*.pt"))) == ep
             assert not glob.glob(os.path.join(tagdir, "layer_*_expert_*")), os.listdir(tagdir)
             ds_model = torch.load(os.path.join(tagdir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                                  weights_only=False)["module"]
+                                  weights_only=True)["module"]
             assert set(ds_model) == {"w_dense"}, ds_model.keys()
             files = glob.glob(os.path.join(tagdir, "experts_ep*_of_*.pt"))
-            got = dsm.load_expert_state(tagdir, ["experts.w_in_EDF"], 0, E)["experts.w_in_EDF"]
+            got = expert_files.load_expert_state(tagdir, ["experts.w_in_EDF"], 0, E)["experts.w_in_EDF"]
             assert got.shape[0] == E and len(files) == ep
 
         zeros = {k: torch.zeros_like(v) for k, v in full.items()}
         engine = new_engine(stage, init=zeros)
-        dsm.load_checkpoint(engine, ckpt, tag="t0")
+        expert_files.load_checkpoint(engine, ckpt, tag="t0")
+        assert isinstance(engine.checkpoint_engine, SafeTorchCheckpointEngine)  # DeepSpeed's files: weights-only
         for k, v in engine.module.state_dict().items():
             _close(v, saved[k], f"rank {rank} zero{stage} loaded {k}", rtol=0, atol=0)
         train_step(engine, 1)
@@ -259,7 +262,7 @@ def _worker(rank, world, ep, port, tmpdir):
 
         # module-only load (fresh optimizer): params restored, fp32 masters refreshed.
         engine = new_engine(stage, init=zeros)
-        dsm.load_checkpoint(engine, ckpt, tag="t0", load_module_only=True)
+        expert_files.load_checkpoint(engine, ckpt, tag="t0", load_module_only=True)
         for k, v in engine.module.state_dict().items():
             _close(v, saved[k], f"rank {rank} zero{stage} module-only {k}", rtol=0, atol=0)
         train_step(engine, 1)  # would pull rank-0 experts back in if the masters were stale
@@ -302,7 +305,8 @@ def test_deepspeed_engine_matches_ep1(world, ep):
 
 def test_load_expert_state_reshards(tmp_path):
     """Expert files saved at one EP size assemble any rank's slice at another EP size."""
-    from competesmoe.parallel import deepspeed_moe as dsm
+    from competesmoe.parallel.deepspeed import engine as dse
+    from competesmoe.parallel.deepspeed import expert_files
 
     full = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
     for ep_rank in range(2):  # saved with ep 2: 4 experts per file
@@ -312,12 +316,49 @@ def test_load_expert_state_reshards(tmp_path):
     for ep in (1, 2, 4, 8):
         k = 8 // ep
         for r in range(ep):
-            got = dsm.load_expert_state(str(tmp_path), ["experts.w"], r * k, k)["experts.w"]
+            got = expert_files.load_expert_state(str(tmp_path), ["experts.w"], r * k, k)["experts.w"]
             assert torch.equal(got, full[r * k:(r + 1) * k])
     with pytest.raises(RuntimeError, match="not found"):
-        dsm.load_expert_state(str(tmp_path), ["experts.w"], 6, 4)
+        expert_files.load_expert_state(str(tmp_path), ["experts.w"], 6, 4)
     with pytest.raises(ValueError, match="clipping"):
-        dsm.check_config({"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
+        dse.check_config({"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
     with pytest.raises(ValueError, match="contiguous"):
-        dsm.check_config({"zero_optimization": {"stage": 1, "contiguous_gradients": False}})
-    dsm.check_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0})
+        dse.check_config({"zero_optimization": {"stage": 1, "contiguous_gradients": False}})
+    dse.check_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0})
+
+
+class Payload:
+    """Unpickling this runs code: it creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_safe_load_refuses_code_and_reads_deepspeed_s_objects(tmp_path):
+    """What DeepSpeed's ZeRO optimizer files hold besides tensors loads weights-only; an object whose unpickling
+    runs code is refused, naming the file, and never runs (the same file does run it when loaded unsafely)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from competesmoe.parallel.deepspeed.safe_load import SafeTorchCheckpointEngine, UnsafeCheckpointFile, safe_load
+
+    zero_like = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                 "fragment": fragment_address(numel=3, start=4), "w": torch.ones(2)}
+    torch.save(zero_like, tmp_path / "zero.pt")
+    loaded = SafeTorchCheckpointEngine().load(str(tmp_path / "zero.pt"))
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients and loaded["fragment"] == fragment_address(3, 4)
+    assert loaded["loss_scaler"].cur_scale == 1.0 and torch.equal(loaded["w"], torch.ones(2))
+
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "x": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointFile, match=f"{tmp_path / 'evil.pt'} holds the Python object exec"):
+        safe_load(tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointFile):
+        SafeTorchCheckpointEngine().load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the control: unsafe loading runs it
+    assert marker.exists()
