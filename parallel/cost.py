@@ -3,7 +3,7 @@ the memory a rank holds, and a step's time on given links and FLOP rate.
 
 Communication: the collectives `expert_parallel.AllToAllDispatcher` runs for one MoE layer (router step:
 dispatch and combine; competition step: the gathers of moe.competition.gather), each forward and backward,
-and the gradient reduction DeepSpeed 0.19 runs once per optimizer step (parallel/deepspeed_moe.py): ZeRO 0
+and the gradient reduction DeepSpeed 0.19 runs once per optimizer step (parallel/deepspeed/engine.py): ZeRO 0
 all-reduces dense gradients over all ranks (DP) and expert gradients over the ranks holding the same experts
 (EDP); ZeRO 1 and 2 do the same all-reduces (DeepSpeed's `use_multi_rank_bucket_allreduce`: each rank then
 keeps its partition) and all-gather the updated weight partitions after the step. Bytes are those a rank sends

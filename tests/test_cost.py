@@ -195,13 +195,14 @@ def _engine_step(case: Case, groups, rank: int, world: int) -> dict:
     from competesmoe.experiments.bench.comm_counter import CommCounter
     from competesmoe.launcher.config import config_from_dict
     from competesmoe.launcher.trainer import deepspeed_config, param_groups
-    from competesmoe.parallel import deepspeed_moe
+    from competesmoe.parallel.deepspeed.clipping import clip_grad_norm_ep
+    from competesmoe.parallel.deepspeed.engine import make_engine
 
     cfg = config_from_dict({"train": {"zero_stage": case.zero_stage, "micro_batch_size": BATCH},
                             "parallel": {"expert_parallel_size": case.ep}})
     model = _build(case, groups, rank)
     os.environ.setdefault("LOCAL_RANK", str(rank))  # what a launcher sets; DeepSpeed's engine checks it
-    engine, _, _ = deepspeed_moe.make_engine(
+    engine, _, _ = make_engine(
         model, deepspeed_config(cfg), case.ep, model.moe_layers[0].num_experts,
         lambda g: torch.optim.AdamW(g, lr=1e-3), param_groups=param_groups(model, cfg.train.weight_decay))
     tokens, targets = _batch(rank)
@@ -210,7 +211,7 @@ def _engine_step(case: Case, groups, rank: int, world: int) -> dict:
         out = engine(tokens, targets, frozenset(case.compete))
         engine.backward(out.loss)
         if case.zero_stage == 0:
-            deepspeed_moe.clip_grad_norm_ep(engine.module, cfg.train.grad_clip)
+            clip_grad_norm_ep(engine.module, cfg.train.grad_clip)
         engine.step()
     return {"calls": counter.calls, "group_sizes": counter.group_sizes}
 
