@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 from torch import nn
 
@@ -92,6 +93,14 @@ def test_what_mixtral_cannot_represent_is_refused_naming_the_keys(overrides, nee
     check_exportable(tiny_config(), Path("ckpt"))  # the exportable shape passes
 
 
+def test_the_demo_exports_with_swiglu_experts():
+    from competesmoe.launcher.config import load_config
+
+    check_exportable(load_config(TINY, ["moe.activation=swiglu"]), Path("ckpt"))
+    with pytest.raises(UserError, match=r": moe.activation=gelu \(needs swiglu\); train with"):
+        check_exportable(load_config(TINY), Path("ckpt"))
+
+
 def assert_same_ids(ours, folder: Path, texts: list[str]) -> None:
     from transformers import AutoTokenizer
 
@@ -165,7 +174,7 @@ def test_sentencepiece_unigram_tokenizer_differs_only_where_scores_tie(tmp_path,
     assert AutoTokenizer.from_pretrained(folder).decode(got) == text
     differing = sum(a != b for a, b in zip(expected, got)) + abs(len(expected) - len(got))
     assert differing <= len(expected) // 500, differing
-    score = ours._sp.get_score
+    score = spm.SentencePieceProcessor(model_file=str(ours.model_file)).get_score
     assert sum(map(score, got)) == pytest.approx(sum(map(score, expected)), abs=1e-3)
 
 
