@@ -46,6 +46,17 @@ EXPORTABLE_ROUTERS = ("competesmoe", "smoe", "smoe_dropout")
 """Routers whose evaluation is a linear softmax top-K with renormalised weights (Mixtral's router)."""
 PROBE_TEXT = "Grüße, 世界! naïve café — ½ × 3 ≥ 1 🙂\n\tTabs,  two  spaces,   three.\n\nEnd."
 """Checked through both tokenizers on export: unicode, emoji (byte fallback), whitespace runs, newlines."""
+SPM_TEXT_PIECES = (1, 4)
+"""SentencePiece piece types that text can be segmented into: NORMAL, USER_DEFINED (not UNKNOWN, CONTROL, UNUSED
+or BYTE, which it reaches only as <unk> and byte fallback)."""
+UNIGRAM_TIES = ("a unigram SentencePiece model converts to a tokenizers Unigram that finds the same best "
+                "segmentation, but where two segmentations score exactly the same it may pick the other one "
+                "(SentencePiece sums scores in float32, tokenizers in float64): about 1 token in 1,500 of text "
+                "differs; tokenizer.model in the folder encodes exactly (sentencepiece), or train with "
+                "data.spm_model_type: bpe (identical ids)")
+"""What an exported unigram tokenizer does not guarantee (measured by tests/test_hf_export.py)."""
+UNREACHABLE = -1e9
+"""A unigram score no segmentation of text chooses while another exists."""
 
 
 def export_hf(checkpoint: Path, out_dir: Path, max_shard_size: int | str = "5GB") -> Path:
@@ -75,22 +86,20 @@ def _require_transformers() -> None:
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("export --format hf needs transformers: pip install -e '.[hf]' "
-                        "(or pip install 'transformers>=5,<6')") from None
+                        "(or pip install 'transformers>=5.24,<6')") from None
 
 
 def check_exportable(cfg: Config, path: Path) -> None:
     """Refuses, in one line naming the config keys to change, a model Mixtral cannot represent exactly."""
     model, moe = cfg.model, cfg.moe
-    needs = {
-        "model.layout": (model.layout, "switch"),
-        "model.positions": (model.positions, "rotary"),
-        "moe.activation": (moe.activation, "swiglu"),
-        "moe.router": (moe.router, " or ".join(EXPORTABLE_ROUTERS)),
-        "moe.baseline.smoe_raw_gates": (moe.router == "smoe" and moe.baseline.smoe_raw_gates, False),
-        "moe.capacity_factor": (moe.capacity_factor, 0.0),
-    }
-    wrong = [f"{key}={have} (needs {need})" for key, (have, need) in needs.items()
-             if not (have in EXPORTABLE_ROUTERS if key == "moe.router" else have == need)]
+    raw_gates = moe.router == "smoe" and moe.baseline.smoe_raw_gates
+    checks = [("model.layout", model.layout, model.layout == "switch", "switch"),
+              ("model.positions", model.positions, model.positions == "rotary", "rotary"),
+              ("moe.activation", moe.activation, moe.activation == "swiglu", "swiglu"),
+              ("moe.router", moe.router, moe.router in EXPORTABLE_ROUTERS, " or ".join(EXPORTABLE_ROUTERS)),
+              ("moe.baseline.smoe_raw_gates", raw_gates, not raw_gates, False),
+              ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor == 0, 0.0)]
+    wrong = [f"{key}={have} (needs {need})" for key, have, ok, need in checks if not ok]
     if wrong:
         raise UserError(f"{path} is not exportable as {ARCHITECTURE}: {', '.join(wrong)}; train with those keys "
                         f"set to be exportable (README: 'Using a trained model')")
@@ -222,19 +231,6 @@ def _sentencepiece_backend(tokenizer: SentencePieceTokenizer) -> tuple:
     specials = {name: piece for name, piece, piece_id in [("unk_token", spec.unk_piece, spec.unk_id),
                                                            ("eos_token", spec.eos_piece, spec.eos_id)] if piece_id >= 0}
     return backend, specials
-
-
-SPM_TEXT_PIECES = (1, 4)
-"""SentencePiece piece types that text can be segmented into: NORMAL, USER_DEFINED (not UNKNOWN, CONTROL, UNUSED
-or BYTE, which it reaches only as <unk> and byte fallback)."""
-UNIGRAM_TIES = ("a unigram SentencePiece model converts to a tokenizers Unigram that finds the same best "
-                "segmentation, but where two segmentations score exactly the same it may pick the other one "
-                "(SentencePiece sums scores in float32, tokenizers in float64): about 1 token in 1,500 of text "
-                "differs; tokenizer.model in the folder encodes exactly (sentencepiece), or train with "
-                "data.spm_model_type: bpe (identical ids)")
-"""What an exported unigram tokenizer does not guarantee (measured by tests/test_hf_export.py)."""
-UNREACHABLE = -1e9
-"""A unigram score no segmentation of text chooses while another exists."""
 
 
 def _only_text_pieces_reachable(vocab: list[tuple[str, float]], proto) -> list[tuple[str, float]]:

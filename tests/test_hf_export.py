@@ -18,14 +18,13 @@ from competesmoe.data.config import DataConfig
 from competesmoe.data.prepare import prepare
 from competesmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from competesmoe.launcher.config import Config
+from competesmoe.launcher.hf_export import EOD_TOKEN, check_exportable, mixtral_state, write_folder, write_tokenizer
 from competesmoe.moe.config import ModelConfig, MoEConfig
 from competesmoe.moe.generate import Sampling, generate
 from competesmoe.moe.model import ROTARY_BASE, TransformerLM
-from support import ROOT, TINY, competesmoe
+from support import ROOT, TINY, competesmoe, one_error_line
 
-transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
-from competesmoe.launcher.hf_export import (  # noqa: E402 - after the skip: it needs transformers
-    EOD_TOKEN, check_exportable, mixtral_state, write_folder, write_tokenizer)
+pytest.importorskip("transformers", reason="the [hf] extra: pip install -e '.[hf]' (CI installs it)")
 
 TEXTS = ["Grüße aus Zürich — 東京, naïve café, ½ × 3 ≥ 1 🙂🚀",
          "  two leading spaces, trailing ones  ", "\n\nnew\nlines\n\tand\ttabs\r\n", "a  b   c    d",
@@ -245,23 +244,18 @@ def test_trained_model_exports_with_equal_logits_ids_and_greedy_text(run_fixture
 
 @pytest.mark.slow
 def test_generate_prints_the_same_continuation_for_a_seed(byte_run):
-    def run(seed: int) -> str:
-        result = competesmoe("generate", str(byte_run), "--prompt", "The history of ", "--max-new-tokens", "40",
-                             "--temperature", "1.0", "--seed", str(seed))
+    """A byte-level model may well write bytes that are not UTF-8: stdout carries them as they are."""
+    prompt = b"The history of "
+
+    def run(seed: int) -> bytes:
+        result = competesmoe("generate", str(byte_run), "--prompt", prompt, "--max-new-tokens", "40",
+                             "--temperature", "1.0", "--seed", str(seed), text=False)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
     first = run(1)
-    assert first.startswith("The history of ") and len(first.encode()) > len("The history of ")
+    assert first.startswith(prompt) and len(first) > len(prompt) + 1
     assert run(1) == first and run(2) != first
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.mark.slow
