@@ -1,4 +1,4 @@
-"""The read side, for eval, export and finetune: a checkpoint of any layout, or an exported .safetensors
+"""The read side, for eval, generate, export and finetune: a checkpoint of any layout, or an exported .safetensors
 model, as one consolidated model in this process. A checkpoint is verified first (manifest, run state,
 weights-only loads); run_state.json is the one source of its config and tokenizer."""
 
