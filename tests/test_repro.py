@@ -318,3 +318,17 @@ def test_compare_grid_end_to_end_with_an_upcycled_method(tmp_path):
         assert needle in text, needle
     again = competesmoe(*command, "--report-only", timeout=900)
     assert again.returncode == 0 and "to run" not in again.stdout, again.stderr[-2000:]
+
+
+def test_gshard_and_the_competesmoes_start_from_the_same_weights_at_the_same_seed():
+    from competesmoe.launcher.trainer import seed_everything
+    from competesmoe.moe.model import TransformerLM
+
+    grid = repro.build_grid(args(budget="compare", seeds=[2], methods=["gshard", "competesmoe-v2", "competesmoe-v1"]))
+    states = []
+    for run in grid.runs:
+        cfg = load_config(repro.BASE_CONFIG, run.overrides)
+        seed_everything(cfg.train.seed)  # as the trainer does before building the model
+        states.append(TransformerLM(cfg.model, cfg.moe, vocab_size=256).state_dict())
+    for state in states[1:]:
+        assert state.keys() == states[0].keys() and all(torch.equal(state[k], states[0][k]) for k in state)

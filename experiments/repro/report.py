@@ -184,8 +184,8 @@ def _paired(groups: Groups) -> list[str]:
         return []
     ref = {split: {r["seed"]: r[f"{split}_bpc"] for r in groups[ref_key]} for split in ("test", "valid")}
     lines = [f"## Paired differences against {label(ref_key)}", "",
-             "Each method's BPC minus GShard's with the same seed (same data order; same initial weights where the "
-             "shapes agree), mean over seeds and its 95% Student-t interval, mean ± t(0.975, n-1) sd / sqrt(n). "
+             "Each method's BPC minus GShard's with the same seed (same data order; the same initial weights for "
+             "methods whose modules draw the same random numbers, e.g. GShard and CompeteSMoE), mean over seeds and its 95% Student-t interval, mean ± t(0.975, n-1) sd / sqrt(n). "
              "Negative = lower BPC than GShard. 'better' / 'worse' when the interval excludes 0, 'not resolved' when "
              "it does not (no claim either way at this number of seeds).", "",
              "| method | pairs | test BPC - GShard [95% interval] | test | valid BPC - GShard [95% interval] | valid "

@@ -111,10 +111,12 @@ def _finish(child: _Child, bar, position: str) -> str | None:
     if child.proc.returncode != 0:
         tail = (run.run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
         bar.write(f"FAILED {run.name} (see {run.run_dir / 'train.log'})")
+        sys.stdout.flush()
         return f"{run.name}: exit {child.proc.returncode}: {' | '.join(tail)}"
     result = analyse(run, wall)
     bar.write(f"{position} {run.name}: valid {result['valid_bpc']:.4f} test {result['test_bpc']:.4f} BPC, "
               f"{wall:.0f} s train + {result['analysis_s']:.0f} s analysis")
+    sys.stdout.flush()  # a grid left running under nohup shows its progress in its log
     return None
 
 
