@@ -78,7 +78,7 @@ def on_rank0_while_others_wait(work, rank: int) -> None:
     rank 0 that died is noticed within it.
     """
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10 * PREPARE_HEARTBEAT_S))
-    done = torch.zeros(1)
+    done = torch.zeros(1, device="cpu")  # a gloo group: on the host, whatever the compute device
     failure = [None]
     if rank == 0:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
