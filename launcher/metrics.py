@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.moe.layer import MoEAux
-from competesmoe.parallel import collectives
 from competesmoe.moe.routing import WEIGHTED
+from competesmoe.parallel import collectives
 
 
 class RoutingStats:

@@ -143,7 +143,7 @@ class Trainer:
         with torch.device("cpu"):  # drawn on the host, the same on every device; the engine moves them
             model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
         self.num_moe_layers = len(model.moe_layers)
-        init_sampler_state = apply_init_from(cfg, model, self.meta["tokenizer"], groups.rank)  # model.init_from
+        init_sampler_state = apply_init_from(cfg, model, self.meta["tokenizer"], groups.rank, device)  # model.init_from
         model = parallelize(model, groups, gather=cfg.moe.competition.gather,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         ds_config = deepspeed_config(cfg)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.experiments.bench.comm_counter import CommCounter
+from competesmoe.experiments.bench.host_syncs import HostSyncCounter
 from competesmoe.experiments.bench.measure import agree, first_error_line, machine, peak_step_bytes, time_variants
 
 _TRIED = ("ours", "deepspeed", "competition")
@@ -262,8 +263,9 @@ class LayerCell:
                 "match": match, "match_scale": match_scale, "modes": [*self.dispatchers, self.recompute_mode]}
 
     def _try_each(self, variants: dict[str, Callable]) -> tuple[dict, dict, dict]:
-        """One trial step of each layer variant with the communication counted (all ranks agree to drop a
-        variant that failed anywhere): errors, bytes and outputs by variant."""
+        """One trial step of each layer variant with the communication and the device-to-host transfers counted
+        (all ranks agree to drop a variant that failed anywhere): errors, bytes (and host syncs) and outputs by
+        variant."""
         errors, comm, outputs = {}, {}, {}
         for name in [n for n in variants if n.startswith(_TRIED)]:
             counter = CommCounter()
@@ -271,7 +273,7 @@ class LayerCell:
                 if hasattr(d, "comm_bytes"):
                     d.comm_bytes.clear()
             try:
-                with counter:
+                with counter, HostSyncCounter() as syncs:
                     y = variants[name]()
                 outputs[name] = y.detach()
                 ok, err = True, None
@@ -282,7 +284,7 @@ class LayerCell:
                 del variants[name]
                 continue
             comm[name] = {"total": counter.total(), "by_collective": counter.summary(),
-                          "dispatcher_counters": self._dispatcher_counters()}
+                          "dispatcher_counters": self._dispatcher_counters(), "host_syncs": syncs.count}
         return errors, comm, outputs
 
     def _dispatcher_counters(self) -> dict[str, int]:

@@ -19,7 +19,7 @@ def report(opts: SimpleNamespace, results: list[dict], wall: float, load: tuple[
     competition_lines, competition = _competition(cells)
     memory_lines, memory, memory_recompute = _memory(cells)
     return "\n".join([*_header(opts, results, load), *speed_lines, *efficiency_lines, *competition_lines,
-                      *_bytes(cells), *memory_lines, *_errors(results),
+                      *_bytes(cells), *_host_syncs(cells), *memory_lines, *_errors(results),
                       *_summary(opts, speedups, efficiencies, competition, memory, memory_recompute),
                       f"(benchmark wall time {wall:.0f} s)"])
 
@@ -176,6 +176,19 @@ def _bytes(cells: list[list[dict]]) -> list[str]:
             text_table(["K", "EP", "variant", "rank0 / rank1 ...", "dispatcher counter", "DS estimate",
                     "rank 0 by collective (calls, MiB)"], rows),
             "   DS estimate = 4 all-to-alls x E x C x d x 4 B x (P-1)/P (its capacity-padded dispatch tensor)"]
+
+
+def _host_syncs(cells: list[list[dict]]) -> list[str]:
+    rows = []
+    for per_rank in cells:
+        c = per_rank[0]
+        for name in sorted({n for r in per_rank for n in r["comm"]}, key=lambda n: (n != "ours", n)):
+            counts = [r["comm"].get(name, {}).get("host_syncs") for r in per_rank]
+            rows.append([str(c["k"]), str(c["ep"]), name, " / ".join("n/a" if n is None else str(n) for n in counts)])
+    return ["\n4b. device-to-host transfers per fwd+bwd step (what would stop the host on a GPU: .item(), .tolist(), "
+            ".cpu(), bool(tensor), nonzero, boolean masks, bincount, repeat_interleave without output_size; "
+            "experiments/bench/host_syncs.py)",
+            text_table(["K", "EP", "variant", "rank0 / rank1 ..."], rows)]
 
 
 def _memory(cells: list[list[dict]]) -> tuple[list[str], dict[Cell, float | None], dict[Cell, float | None]]:
