@@ -22,7 +22,7 @@ from competesmoe.common.net import free_port
 from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
 from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
-from competesmoe.launcher.trainer import Trainer, pick_device
+from competesmoe.launcher.trainer import Trainer, deepspeed_config, pick_device
 from competesmoe.parallel import collectives
 from competesmoe.parallel.groups import build_groups
 
@@ -110,6 +110,7 @@ def run(cfg: Config) -> None:
     check_output_dir(cfg, run_dir)
     # Checks that need no peer come before any collective, so every rank fails alike and at once.
     validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    deepspeed_config(cfg)  # parallel.deepspeed_config merged and validated (a conflict is refused here, not later)
     check_before_start(cfg.data)
     init_distributed(cfg, device)
     rank = dist.get_rank()
