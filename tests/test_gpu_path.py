@@ -9,6 +9,8 @@
   checkpointing (the gradients' own all-to-alls: none re-run from forward) and no top-K at all, and gives the same
   loss and gradients, on 2 ranks at EP 2, router and competition steps.
 
+- scripts/gpu_check.sh refuses a machine without CUDA in one line (it is unrun here: no GPU).
+
 The 2-rank cases share one spawn (process start-up dominates).
 """
 
@@ -149,3 +151,16 @@ def test_full_checkpointing_gives_the_same_loss_and_gradients_at_ep2(on_two_rank
         assert grads_full.keys() == grads_none.keys() and len(grads_full) > 10
         for name, grad in grads_full.items():
             torch.testing.assert_close(grad, grads_none[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: run scripts/gpu_check.sh itself")
+def test_gpu_check_says_in_one_line_that_it_needs_cuda():
+    import subprocess
+
+    from support import ROOT
+
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "/nonexistent/gpu-check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["gpu_check: no CUDA device visible to torch (torch.cuda.is_available() is "
+                                          "False): run it on a GPU machine"]
