@@ -186,27 +186,26 @@ class LayerCell:
         return floor
 
     @torch.no_grad()
-    def _routed_rows(self) -> tuple[torch.Tensor, list[int]]:
-        """The rows the router step sends to this rank's experts, and their count per local expert."""
+    def _routed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the router step sends to this rank's experts, and their count per local expert (counts_e)."""
         from competesmoe.moe.routing import RoutingContext
 
         x_TD = self.x.detach().reshape(self.opts.tokens, self.opts.d_model)
         experts_TK = self.ours.route(x_TD, RoutingContext()).experts_TK  # the router step's choice
-        token_A = torch.arange(x_TD.shape[0]).repeat_interleave(self.k)
         router_dispatcher = next(iter(self.dispatchers.values()))
-        x_ND, meta = router_dispatcher.dispatch(x_TD, token_A, experts_TK.reshape(-1))
-        return x_ND, list(meta.counts)
+        x_ND, meta = router_dispatcher.dispatch(x_TD, experts_TK)
+        return x_ND, meta.counts_e
 
-    def _expert_block(self, x_ND: torch.Tensor, counts: list[int]) -> Callable:
+    def _expert_block(self, x_ND: torch.Tensor, counts_e: torch.Tensor) -> Callable:
         """Our GroupedExperts alone, fwd+bwd, on the routed rows."""
         experts = self.ours.experts
         x_ND = x_ND.clone().requires_grad_(True)
-        probe_ND = torch.randn(int(sum(counts)), self.opts.d_model, generator=self.gen)
+        probe_ND = torch.randn(x_ND.shape[0], self.opts.d_model, generator=self.gen)
 
         def expert_block():
             experts.zero_grad(set_to_none=True)
             x_ND.grad = None
-            (experts(x_ND, counts) * probe_ND).sum().backward()
+            (experts(x_ND, counts_e) * probe_ND).sum().backward()
         return expert_block
 
     def _dense_references(self, rows: int) -> dict[str, Callable]:
@@ -240,9 +239,9 @@ class LayerCell:
     def measure(self) -> dict:
         variants = self._layer_variants()
         variants["floor"] = self._floor()
-        x_ND, counts = self._routed_rows()
-        rows = int(sum(counts))
-        variants["expert_block"] = self._expert_block(x_ND, counts)
+        x_ND, counts_e = self._routed_rows()
+        counts, rows = counts_e.tolist(), x_ND.shape[0]
+        variants["expert_block"] = self._expert_block(x_ND, counts_e)
         variants.update(self._dense_references(rows))
 
         errors, comm, outputs = self._try_each(variants)
