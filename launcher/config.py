@@ -62,6 +62,9 @@ class TrainConfig:
     """How many checkpoints to keep."""
     max_nonfinite_steps: int = 3
     """A step with a non-finite loss or gradient is skipped; stop after this many in a row."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """How torch's AdamW runs its update: 'fused' one kernel for all parameters (CUDA), 'foreach' a few batched
+    kernels, 'for_loop' parameter by parameter; 'auto' = fused on CUDA, torch's own choice elsewhere."""
     peak_tflops: float | None = None
     """Peak dense matmul TFLOP/s of one device in train.precision, the `mfu` in metrics.jsonl is measured against;
     null: the table of known GPUs (A100, H100, H200: launcher/hardware.py), else this device's measured matmul rate."""

@@ -13,21 +13,22 @@ import torch
 
 from competesmoe.common.errors import UserError
 from competesmoe.launcher.checkpoint.layout import CHECKPOINTS, MODEL_FILE
-from competesmoe.launcher.checkpoint.manager import agree
 from competesmoe.launcher.checkpoint.reading import model_state, open_checkpoint
 from competesmoe.launcher.checkpoint.verify import find_resumable
 from competesmoe.launcher.config import Config
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.upcycle import upcycle
+from competesmoe.parallel import collectives
 from competesmoe.parallel.deepspeed.safe_load import safe_load
 
 
-def apply_init_from(cfg: Config, model: TransformerLM, tokenizer: dict, rank: int) -> dict | None:
+def apply_init_from(cfg: Config, model: TransformerLM, tokenizer: dict, rank: int,
+                    device: torch.device) -> dict | None:
     """Load model.init_from's weights into `model` (upcycled when it is a dense run) unless this run will resume
     from a checkpoint of its own. Returns the source run's sampler state when model.init_from_data is 'continue'
-    (for the trainer's sampler), else None."""
+    (for the trainer's sampler), else None. device: the compute device (the ranks' agreement travels there)."""
     source = cfg.model.init_from
-    if source is None or _will_resume(cfg, rank):
+    if source is None or _will_resume(cfg, rank, device):
         return None
     try:
         saved = open_checkpoint(source)
@@ -48,13 +49,14 @@ def apply_init_from(cfg: Config, model: TransformerLM, tokenizer: dict, rank: in
     return _sampler_state(saved.path) if cfg.model.init_from_data == "continue" else None
 
 
-def _will_resume(cfg: Config, rank: int) -> bool:
+def _will_resume(cfg: Config, rank: int, device: torch.device) -> bool:
     """Whether the checkpoint manager will resume this run (resume=auto finds a checkpoint that verifies)."""
     if cfg.resume == "none":
         return False
     if cfg.resume != "auto":
         return True
-    return agree(find_resumable(Path(cfg.output_dir) / CHECKPOINTS) is not None if rank == 0 else None)
+    found = find_resumable(Path(cfg.output_dir) / CHECKPOINTS) is not None if rank == 0 else None
+    return collectives.broadcast_object(found, device)
 
 
 def _sampler_state(tag_dir: Path) -> dict:

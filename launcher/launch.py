@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +47,11 @@ from competesmoe.launcher.process import run_child
 TRAIN_MODULE = "competesmoe.launcher.cli"
 DEFAULT_MULTINODE_PORT = 29500
 SSH_TIMEOUT = 10  # seconds per host for the reachability check
+RENDEZVOUS_TIMEOUT = 600
+"""Seconds a node waits for the master address to resolve: torchrun's c10d rendezvous join timeout (its default), the
+time the job gives its nodes to meet anyway. (Kubernetes publishes pod 0's name only once pod 0 exists: a slow image
+pull there must not fail the other pods.)"""
+RESOLVE_RETRY_S = 2.0
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")  # DeepSpeed's format, stricter
 HOSTNAME = re.compile(r"^[A-Za-z0-9._:-]+$")  # names and IPv4/IPv6 addresses; nothing a remote shell reads
 REMOTE_TRAIN = "remote-train"
@@ -311,12 +318,26 @@ def check_interface(ifname: str) -> None:
         raise UserError(f"network interface {ifname} does not exist on this host (it has: {', '.join(names)})")
 
 
-def check_route(host: str, port: int, what: str) -> None:
-    """The address resolves and this host has a route to it (a UDP connect sends no packet)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as err:
-        raise UserError(f"{what} {host} does not resolve ({err.strerror})") from None
+def resolve(host: str, port: int, what: str, wait_s: float = RENDEZVOUS_TIMEOUT) -> list:
+    """getaddrinfo of the address, retried while it does not resolve, for up to wait_s seconds (said once)."""
+    deadline = time.monotonic() + wait_s
+    for attempt in itertools.count():
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as err:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(f"{what} {host} does not resolve ({err.strerror}) after {wait_s:.0f} s; check the "
+                                f"name, or that node 0 has started") from None
+            if attempt == 0:
+                print(f"competesmoe: {what} {host} does not resolve yet ({err.strerror}); retrying for up to "
+                      f"{left:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(min(RESOLVE_RETRY_S, left))
+
+
+def check_route(host: str, port: int, what: str, wait_s: float = RENDEZVOUS_TIMEOUT) -> None:
+    """The address resolves (within wait_s) and this host has a route to it (a UDP connect sends no packet)."""
+    infos = resolve(host, port, what, wait_s)
     last = None
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as sock:

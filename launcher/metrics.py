@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from competesmoe.moe.layer import MoEAux
 from competesmoe.moe.routing import WEIGHTED
+from competesmoe.parallel import collectives
 
 
 class RoutingStats:
@@ -42,23 +43,24 @@ class RoutingStats:
                 sums[key] = sums[key] + value if key in sums else value.clone()
                 counts[key] = counts.get(key, 0) + 1
 
-    def reduce(self, group: dist.ProcessGroup | None) -> list[dict[str, float | list[float]]]:
-        """Mean over micro-batches and ranks; resets the accumulator."""
+    def reduce(self, group: dist.ProcessGroup | None, device: torch.device) -> list[dict[str, float | list[float]]]:
+        """Mean over micro-batches and ranks (one all-reduce on `device`, the compute device the figures are on, and
+        one host copy); resets the accumulator."""
         keys = [sorted(s) for s in self.sums]
         flat = [self.sums[i][k].reshape(-1) / self.counts[i][k] for i, ks in enumerate(keys) for k in ks]
         if not flat:
             return []
         buffer = torch.cat(flat)
-        if group is not None or dist.is_initialized():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        if dist.is_initialized():
+            collectives.all_reduce_(buffer, device, group=group)
             buffer /= dist.get_world_size(group)
+        values = buffer.tolist()
         layers, offset = [], 0
         for i, ks in enumerate(keys):
             layer = {}
             for k in ks:
                 n = self.sums[i][k].numel()
-                values = buffer[offset:offset + n].tolist()
-                layer[k] = values if self.sums[i][k].dim() > 0 else values[0]
+                layer[k] = values[offset:offset + n] if self.sums[i][k].dim() > 0 else values[offset]
                 offset += n
             layers.append(layer)
         self.sums, self.counts = [], []
@@ -135,8 +137,8 @@ class MetricsWriter:
 
     def _expert_histogram(self, tag: str, shares: list[float], step: int) -> None:
         """A histogram whose bins are the experts and whose heights are their shares of tokens."""
-        experts = torch.arange(len(shares), dtype=torch.float64)
-        weights = torch.tensor(shares, dtype=torch.float64)
+        experts = torch.arange(len(shares), dtype=torch.float64, device="cpu")
+        weights = torch.tensor(shares, dtype=torch.float64, device="cpu")
         self.tb.add_histogram_raw(tag, min=0.0, max=float(len(shares) - 1), num=float(weights.sum()),
                                   sum=float((experts * weights).sum()), sum_squares=float((experts**2 * weights).sum()),
                                   bucket_limits=(experts + 0.5).tolist(), bucket_counts=shares, global_step=step)

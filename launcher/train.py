@@ -22,7 +22,8 @@ from competesmoe.common.net import free_port
 from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
 from competesmoe.launcher.config import Config, to_dict, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
-from competesmoe.launcher.trainer import Trainer, pick_device
+from competesmoe.launcher.trainer import Trainer, deepspeed_config, pick_device
+from competesmoe.parallel import collectives
 from competesmoe.parallel.groups import build_groups
 
 
@@ -77,7 +78,7 @@ def on_rank0_while_others_wait(work, rank: int) -> None:
     rank 0 that died is noticed within it.
     """
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=10 * PREPARE_HEARTBEAT_S))
-    done = torch.zeros(1)
+    done = torch.zeros(1, device="cpu")  # a gloo group: on the host, whatever the compute device
     failure = [None]
     if rank == 0:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -109,6 +110,7 @@ def run(cfg: Config) -> None:
     check_output_dir(cfg, run_dir)
     # Checks that need no peer come before any collective, so every rank fails alike and at once.
     validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    deepspeed_config(cfg)  # parallel.deepspeed_config merged and validated (a conflict is refused here, not later)
     check_before_start(cfg.data)
     init_distributed(cfg, device)
     rank = dist.get_rank()
@@ -117,7 +119,8 @@ def run(cfg: Config) -> None:
 
     trainer = Trainer(cfg, groups, device, data_dir)
     checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg, groups, trainer.meta["tokenizer"],
-                                    TrainingState(engine=trainer.engine, trainer=trainer, sampler=trainer.sampler))
+                                    TrainingState(engine=trainer.engine, trainer=trainer, sampler=trainer.sampler),
+                                    device)
     found = checkpoints.resume_point()
     if found is not None:
         checkpoints.load(found)
@@ -127,7 +130,7 @@ def run(cfg: Config) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     try:
-        fit(trainer, checkpoints, writer, rank, PreemptionFlag())
+        fit(trainer, checkpoints, writer, rank, PreemptionFlag(device))
     except (dist.DistError, RuntimeError) as err:
         if not is_peer_failure(err):
             raise
@@ -135,7 +138,7 @@ def run(cfg: Config) -> None:
                         f"({first_line(err)}); continue with resume=auto from the last checkpoint") from None
     finally:
         writer.close()
-    dist.barrier()
+    collectives.barrier(device)
     dist.destroy_process_group()
 
 
@@ -145,19 +148,19 @@ def first_line(err: Exception) -> str:
 
 
 class PreemptionFlag:
-    """SIGTERM (preemption) asks for a checkpoint; the ranks agree on the step once per step."""
+    """SIGTERM (preemption) asks for a checkpoint; the ranks agree on the step once per step (on the compute
+    device: NCCL takes nothing else)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.requested = False
+        self.device = device
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return collectives.any_rank(self.requested, self.device)
 
 
 def fit(trainer: Trainer, checkpoints: CheckpointManager, writer: MetricsWriter, rank: int,
@@ -169,23 +172,26 @@ def fit(trainer: Trainer, checkpoints: CheckpointManager, writer: MetricsWriter,
     if rank == 0:
         bar.write(f"MFU against {trainer.peak_tflops:.3g} TFLOP/s per device ({trainer.peak_source})")
     while trainer.step < t.max_steps:
-        record = trainer.train_step()
+        result = trainer.train_step()
         step = trainer.step
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
-        if record["skipped"] and rank == 0:
-            bar.write(f"competesmoe: warning: step {step} skipped: non-finite loss or gradient"
-                      + (f" (MoE layers {record['nonfinite_layers']})" if "nonfinite_layers" in record else ""),
-                      file=sys.stderr)
+        record = None
         if step % t.log_every == 0 or step == t.max_steps:
+            record = trainer.record(result)  # the step's loss leaves the device only here
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            mfu=f"{record['mfu']:.1%}")
             writer.write(record, trainer.take_routing_stats())
+        if result.skipped and rank == 0:
+            bar.write(f"competesmoe: warning: step {step} skipped: non-finite loss or gradient"
+                      + (f" (MoE layers {result.nonfinite_layers})" if result.nonfinite_layers else ""),
+                      file=sys.stderr)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             writer.write(trainer.evaluate("valid"))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             checkpoints.save()
         if preempt.agreed():
-            if step % t.log_every:
-                writer.write(record, trainer.take_routing_stats())
+            if record is None:
+                writer.write(trainer.record(result), trainer.take_routing_stats())
             checkpoints.save()
             if rank == 0:
                 bar.write(f"competesmoe: SIGTERM: saved a checkpoint at step {step}; resume=auto continues")

@@ -9,11 +9,11 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from competesmoe.common.errors import UserError
 from competesmoe.data.loader import open_train_data
@@ -27,7 +27,9 @@ from competesmoe.moe.flops import training_flops_per_token
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
+from competesmoe.parallel import collectives
 from competesmoe.parallel.deepspeed.clipping import clip_grad_norm_ep
+from competesmoe.parallel.deepspeed.config import engine_config
 from competesmoe.parallel.deepspeed.engine import make_engine
 from competesmoe.parallel.groups import ParallelGroups
 from competesmoe.parallel.parallelize import parallelize
@@ -47,17 +49,26 @@ def lr_lambda(cfg: Config):
 
 
 def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed engine's config for this run (parallel/deepspeed/config.py: ours plus the user's fragment)."""
     t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        # DeepSpeed's ZeRO-0 clipping is wrong with expert parallelism: we clip ourselves there.
-        "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    return engine_config(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
+                         zero_stage=t.zero_stage, precision=t.precision, parallel=cfg.parallel)
+
+
+def adamw_options(impl: str, device: torch.device) -> dict:
+    """torch.optim.AdamW's implementation switches for train.optimizer_impl on this device."""
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+            "default": {}}[impl]
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the compute device. CUDA: through pinned memory, without waiting (a pageable copy would
+    wait for every kernel queued before it)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -77,6 +88,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class StepResult:
+    """One optimizer step, as train_step leaves it: host figures, and the loss still on the device (`Trainer.record`
+    makes the logged record, on log steps only)."""
+
+    step: int
+    lm_loss: torch.Tensor
+    """This rank's mean LM loss over the step's micro-batches (fp32, on the compute device)."""
+    lr: float
+    grad_norm: float | None
+    competing_layers: list[int]
+    skipped: bool
+    nonfinite_layers: list[int]
+
+
+@dataclass
+class Interval:
+    """The steps since the last record, for the next record's averages: their time and competing layers."""
+
+    seconds: float = 0.0
+    """train_step's wall time, summed. Each step ends waiting for its gradient norm, so on a GPU this covers the
+    kernels too, not only their launch."""
+    steps: int = 0
+    competing_layers: float = 0.0
+    """Summed over the steps (each: competing layers averaged over its micro-batches)."""
+
+    def add_step(self, seconds: float, competing_layers: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        self.competing_layers += competing_layers
+
+    def take(self) -> tuple[float, float]:
+        """(seconds per step, competing layers per step) since the last take; starts the next interval."""
+        steps = max(self.steps, 1)
+        per_step = (self.seconds / steps, self.competing_layers / steps)
+        self.seconds, self.steps, self.competing_layers = 0.0, 0, 0.0
+        return per_step
+
+
 class Trainer:
     def __init__(self, cfg: Config, groups: ParallelGroups, device: torch.device, data_dir: Path):
         import deepspeed
@@ -90,9 +140,10 @@ class Trainer:
         self.nonfinite_streak = 0
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
+        with torch.device("cpu"):  # drawn on the host, the same on every device; the engine moves them
+            model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
         self.num_moe_layers = len(model.moe_layers)
-        init_sampler_state = apply_init_from(cfg, model, self.meta["tokenizer"], groups.rank)  # model.init_from
+        init_sampler_state = apply_init_from(cfg, model, self.meta["tokenizer"], groups.rank, device)  # model.init_from
         model = parallelize(model, groups, gather=cfg.moe.competition.gather,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         ds_config = deepspeed_config(cfg)
@@ -122,13 +173,15 @@ class Trainer:
         self.routing_stats = RoutingStats()
         self.nan_steps = injected_nan_steps()
         self.peak_tflops, self.peak_source = device_peak_tflops(cfg.train.peak_tflops, device, cfg.train.precision)
+        self.since_record = Interval()
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
 
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), eps=1e-8)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.beta2), eps=1e-8,
+                                 **adamw_options(t.optimizer_impl, self.device))
 
     @property
     def tokens_per_step(self) -> int:
@@ -136,54 +189,66 @@ class Trainer:
         return t.micro_batch_size * t.grad_accum * self.groups.dp_size * self.cfg.model.seq_len
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns the step's figures.
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches.
 
         A non-finite loss or gradient anywhere makes the whole step a no-op on every rank (ZeRO 1/2:
-        DeepSpeed's overflow check; ZeRO 0: our global norm, identical on all ranks).
+        DeepSpeed's overflow check; ZeRO 0: our global norm, identical on all ranks). Nothing here waits for the
+        device per micro-batch: the loss and the routing figures stay there (`record` reads them on log steps);
+        the one wait per step is the skip decision on the gradient norm.
         """
         self.engine.train()
         start = time.perf_counter()
         compete = self.schedule.layers_at(self.step)
         skipped_before = self.engine.skipped_steps
-        lm_loss_sum, bad_layers, grad_norm, competing = 0.0, set(), None, 0
+        lm_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_norm, competing, moe_auxes = None, 0, []
         for micro in range(self.cfg.train.grad_accum):
             if self.cfg.moe.competition.variant == "v1":
                 compete = self.schedule.layers_at(self.step, micro)
             competing += len(compete)
-            inputs_BS, targets_BS = (t.to(self.device) for t in self.sampler.next_batch())
+            inputs_BS, targets_BS = (to_device(t, self.device) for t in self.sampler.next_batch())
             out = self.engine(inputs_BS, targets_BS, compete, self.routing_context())
             loss = out.loss if self.step + 1 not in self.nan_steps else out.loss * float("nan")
-            if not torch.isfinite(loss):
-                bad_layers |= nonfinite_layers(out.moe_aux)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
                 grad_norm = self._clip_zero0()
             self.engine.step()
-            lm_loss_sum += out.lm_loss.detach().float().item()
+            lm_loss_sum += out.lm_loss.detach()
             self.routing_stats.add(out.moe_aux, out.lm_loss)
+            moe_auxes.append(out.moe_aux)  # read only if the step is skipped (which layers went non-finite)
         self.step += 1
-        lm_loss = torch.tensor(lm_loss_sum / self.cfg.train.grad_accum)
-        if dist.is_initialized():
-            dist.all_reduce(lm_loss, group=self.groups.dp)
-            lm_loss /= self.groups.dp_size
-        elapsed = time.perf_counter() - start
         if self.cfg.train.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
         skipped = self.engine.skipped_steps > skipped_before or not math.isfinite(grad_norm or 0.0)
+        bad_layers = set().union(*(nonfinite_layers(aux) for aux in moe_auxes)) if skipped else set()
         self._count_nonfinite(skipped, bad_layers)
+        self.since_record.add_step(time.perf_counter() - start, competing / self.cfg.train.grad_accum)
+        return StepResult(step=self.step, lm_loss=(lm_loss_sum / self.cfg.train.grad_accum).float(),
+                          lr=self.scheduler.get_last_lr()[0],
+                          grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                          competing_layers=sorted(compete), skipped=skipped, nonfinite_layers=sorted(bad_layers))
+
+    def record(self, result: StepResult) -> dict:
+        """The metrics.jsonl record of a step: its loss averaged over the ranks (collective: every rank calls it on
+        the same steps; its host copy is the one wait for the loss), throughput and MFU averaged over the steps since
+        the previous record."""
+        lm_loss = collectives.all_reduce_(result.lm_loss.clone(), self.device, group=self.groups.dp)
+        loss = (lm_loss / self.groups.dp_size).item()
+        elapsed, competing_layers = self.since_record.take()
         return {
-            "step": self.step,
+            "step": result.step,
             "split": "train",
-            "loss": lm_loss.item(),
-            **self._quality(lm_loss.item()),
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
+            "loss": loss,
+            **self._quality(loss),
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
             "tokens_per_s": self.tokens_per_step / elapsed,
-            **self._utilisation(elapsed, competing / self.cfg.train.grad_accum),
-            "competing_layers": sorted(compete),
-            "skipped": skipped,
-            **({"nonfinite_layers": sorted(bad_layers)} if bad_layers else {}),
+            **self._utilisation(elapsed, competing_layers),
+            "competing_layers": result.competing_layers,
+            "skipped": result.skipped,
+            **({"nonfinite_layers": result.nonfinite_layers} if result.nonfinite_layers else {}),
         }
 
     def _utilisation(self, elapsed: float, competing_layers: float) -> dict:
@@ -205,7 +270,7 @@ class Trainer:
     def _clip_zero0(self) -> float:
         """ZeRO 0: the global gradient norm (each expert counted once), clipping, and the skip of a
         non-finite step."""
-        norm = float(clip_grad_norm_ep(self.engine.module, self.cfg.train.grad_clip))
+        norm = float(clip_grad_norm_ep(self.engine.module, self.cfg.train.grad_clip, self.device))
         self._make_step_a_skip(not math.isfinite(norm))
         return norm
 
@@ -236,18 +301,20 @@ class Trainer:
         """Mean next-token loss on a split (never competes); every rank runs the same batch count."""
         self.engine.eval()
         t = self.cfg.train
-        total = torch.zeros(2, dtype=torch.float64)
+        nats_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
         for inputs_BS, targets_BS in self.data.eval_batches(split, t.eval_batches):
-            out = self.engine(inputs_BS.to(self.device), targets_BS.to(self.device), frozenset(),
+            out = self.engine(to_device(inputs_BS, self.device), to_device(targets_BS, self.device), frozenset(),
                               self.routing_context())
-            total += torch.tensor([out.lm_loss.double().item() * targets_BS.numel(), targets_BS.numel()])
-        if dist.is_initialized():
-            dist.all_reduce(total, group=self.groups.dp)
+            nats_sum += out.lm_loss.double() * targets_BS.numel()
+            tokens += targets_BS.numel()
+        total = torch.stack([nats_sum, torch.full((), float(tokens), dtype=torch.float64, device=self.device)])
+        collectives.all_reduce_(total, self.device, group=self.groups.dp)
         nats = (total[0] / total[1].clamp_min(1)).item()
         return {"step": self.step, "split": split, "loss": nats, **self._quality(nats)}
 
     def take_routing_stats(self) -> list[dict]:
-        return self.routing_stats.reduce(self.groups.dp)
+        return self.routing_stats.reduce(self.groups.dp, self.device)
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

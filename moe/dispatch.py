@@ -7,8 +7,11 @@ returns a frozen metadata object that the next phase consumes (nothing is kept o
 
 Shape legend:
   T home tokens, D d_model, E global experts, e experts held on this rank, K choices per token,
-  A kept (token, expert) assignments, N tokens received by this rank's experts (sorted by local
-  expert), G tokens every local expert answers in a competition step.
+  A = T * K (token, expert) assignments in token-major order, N the kept rows received by this rank's
+  experts (sorted by local expert), G tokens every local expert answers in a competition step.
+
+No method waits for the device where it need not: counts are made by scatter-adds (not bincount), and what
+the host must know (split sizes, kept rows) travels in one copy per dispatch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from competesmoe.moe.routing import count_per_expert
 
 
 class TokenDispatcher(Protocol):
@@ -31,12 +36,15 @@ class TokenDispatcher(Protocol):
     first_local_expert: int
     """Global id of the first expert held here (they are contiguous)."""
 
-    def dispatch(self, x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Rows for this rank's experts, grouped by local expert (x_ND), and the metadata combine needs;
-        the metadata has `counts`: rows per local expert."""
+    def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
+                 keep_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Rows for this rank's experts, grouped by local expert (x_ND), and the metadata combine needs. The
+        assignments are token-major (assignment a = t * K + k); keep_TK (capacity) drops the others. The metadata
+        has `counts_e` (rows per local expert, on the device) and `counts` (the same on the host, or None where
+        the transport did not need them)."""
 
-    def combine(self, y_ND: torch.Tensor, weight_A: torch.Tensor, meta: Any, num_tokens: int) -> torch.Tensor:
-        """The experts' outputs back home, weighted and summed per token: y_TD."""
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, meta: Any) -> torch.Tensor:
+        """The experts' outputs back home, weighted and summed per token in fp32: y_TD."""
 
     def gather_tokens(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The tokens every local expert must answer in a competition step (x_GD), and their metadata."""
@@ -55,12 +63,14 @@ class TokenDispatcher(Protocol):
 class LocalDispatchMeta:
     """What combine needs to undo dispatch."""
 
-    order_A: torch.Tensor
-    """Permutation that sorts the assignments by expert."""
-    token_A: torch.Tensor
-    """Home token of each assignment (original assignment order)."""
-    counts: list[int]
-    """Tokens per local expert, in the order the experts see them."""
+    order_N: torch.Tensor
+    """The kept assignments, sorted by expert: x_ND[n] is assignment order_N[n]."""
+    experts_TK: torch.Tensor
+    """The routing (its shape gives T and K)."""
+    counts_e: torch.Tensor
+    """Rows per expert, on the device."""
+    counts: list[int] | None = None
+    """The same on the host (None: not needed, nothing waited for the device)."""
 
 
 @dataclass(frozen=True)
@@ -68,15 +78,39 @@ class LocalCompetitionMeta:
     num_tokens: int
 
 
-def sort_by_expert(expert_A: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """Stable permutation grouping assignments by expert, and the count per expert."""
+def sort_by_expert(experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int):
+    """The token-major assignments grouped by expert, dropped ones (keep_TK false) last: the stable order_A and the
+    kept rows per expert counts_E (device), without waiting for the device."""
+    expert_A = experts_TK.reshape(-1)
+    if keep_TK is not None:
+        expert_A = expert_A.masked_fill(~keep_TK.reshape(-1), num_experts)  # past every expert: sorted last
     order_A = torch.argsort(expert_A, stable=True)
-    counts = torch.bincount(expert_A, minlength=num_experts).tolist()
-    return order_A, counts
+    counts_E = count_per_expert(expert_A, num_experts + 1)[:num_experts]
+    return order_A, counts_E
+
+
+def rows_of_assignments(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x_ND[n] = x_TD[order_N[n] // K]. Through the [T, K, D] copy, so backward sums each token's K gradients in a
+    fixed order (a direct x_TD[token_N] sums them by atomic adds on CUDA, in no fixed order)."""
+    x_AD = x_TD.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, x_TD.shape[-1])
+    return x_AD[order_N]
+
+
+def weighted_sum(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k weights_TK[t, k] * y[t * K + k] in fp32, where row n of y_ND is assignment order_N[n] and
+    assignments not in order_N (dropped) count zero. order_N holds each assignment once, so nothing is accumulated
+    by atomics: the same sum every time."""
+    num_tokens, top_k = weights_TK.shape
+    if order_N.numel() == num_tokens * top_k:
+        y_AD = unsort(y_ND.float(), order_N)
+    else:
+        y_AD = y_ND.new_zeros(num_tokens * top_k, y_ND.shape[-1], dtype=torch.float32).index_copy(
+            0, order_N, y_ND.float())
+    return (y_AD.view(num_tokens, top_k, y_ND.shape[-1]) * weights_TK.float().unsqueeze(-1)).sum(1)
 
 
 class LocalDispatcher:
-    """All experts on this process: dispatch is a sort, combine a weighted scatter-add."""
+    """All experts on this process: dispatch is a sort, combine a weighted sum over each token's K rows."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -84,13 +118,17 @@ class LocalDispatcher:
         self.first_local_expert = 0
 
     # Router steps ---------------------------------------------------------------------------
-    def dispatch(self, x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor):
-        order_A, counts = sort_by_expert(expert_A, self.num_experts)
-        meta = LocalDispatchMeta(order_A=order_A, token_A=token_A, counts=counts)
-        return x_TD[token_A[order_A]], meta
+    def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None = None):
+        order_A, counts_E = sort_by_expert(experts_TK, keep_TK, self.num_experts)
+        counts = None
+        if keep_TK is not None:  # how many rows were kept: the one wait for the device
+            counts = counts_E.tolist()
+            order_A = order_A[:sum(counts)]
+        meta = LocalDispatchMeta(order_N=order_A, experts_TK=experts_TK, counts_e=counts_E, counts=counts)
+        return rows_of_assignments(x_TD, order_A, experts_TK.shape[1]), meta
 
-    def combine(self, y_ND: torch.Tensor, weight_A: torch.Tensor, meta: LocalDispatchMeta, num_tokens: int):
-        return weighted_scatter(unsort(y_ND, meta.order_A), weight_A, meta.token_A, num_tokens)
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, meta: LocalDispatchMeta):
+        return weighted_sum(y_ND, meta.order_N, weights_TK)
 
     # Competition steps ----------------------------------------------------------------------
     def gather_tokens(self, x_TD: torch.Tensor):
@@ -122,9 +160,3 @@ def unsort(y_sorted_AD: torch.Tensor, order_A: torch.Tensor) -> torch.Tensor:
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     return y_sorted_AD[inverse_A]
-
-
-def weighted_scatter(y_AD: torch.Tensor, weight_A: torch.Tensor, token_A: torch.Tensor, num_tokens: int):
-    """y_TD[t] = sum over assignments a of token t of weight_a * y_a."""
-    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
-    return out_TD.index_add(0, token_A, y_AD * weight_A.unsqueeze(-1).to(y_AD.dtype))

@@ -19,11 +19,13 @@ from torch.utils.checkpoint import checkpoint
 class GroupedExperts(nn.Module):
     """E feed-forward experts (GELU or SwiGLU) stored as stacked [E, ...] weights.
 
-    `forward` runs tokens already sorted by expert with one matrix product per expert and layer
-    (no loop over tokens); `forward_all` lets every expert answer every token (competition).
+    `forward` runs tokens already sorted by expert: one grouped GEMM per matrix for all experts
+    (`torch.nn.functional.grouped_mm`) where the device supports it (`grouped_gemm_supported`), else one product per
+    expert; `forward_all` lets every expert answer every token (competition): one product for all experts' input
+    projections and one batched product for their outputs.
 
     `recompute_hidden` (set by the parallelize step's activation checkpointing) keeps no hidden layer for
-    backward: each expert's is recomputed there, one expert at a time, so at most one is alive.
+    backward: it is recomputed there (in `forward_all` one expert at a time, so at most one is alive).
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu",
@@ -53,21 +55,33 @@ class GroupedExperts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h)
 
+    def _checkpointed(self, fn, *args) -> torch.Tensor:
+        if self.recompute_hidden and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, x_ND: torch.Tensor, counts_e: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """x_ND holds counts_e[j] consecutive tokens for local expert j; returns their outputs in the same order.
+        counts: the same counts on the host when the caller has them (the per-expert fallback needs them)."""
+        if grouped_gemm_supported(x_ND, self.w_in_EDF, self.w_out_EFD):
+            offsets_e = torch.cumsum(counts_e, 0).to(torch.int32)
+            return self._checkpointed(self._grouped, x_ND, offsets_e)
+        return self._per_expert(x_ND, counts_e.tolist() if counts is None else list(counts))
+
+    def _grouped(self, x_ND: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        h_NF = _contiguous_grad(F.grouped_mm(x_ND, self.w_in_EDF, offs=offsets_e))
+        return _contiguous_grad(F.grouped_mm(self._act(h_NF), self.w_out_EFD, offs=offsets_e))
+
     def _expert(self, x_nD: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
         return self._act(x_nD @ w_in_DF) @ w_out_FD
 
-    def _run_expert(self, x_nD: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
-        if self.recompute_hidden and torch.is_grad_enabled():
-            return checkpoint(self._expert, x_nD, w_in_DF, w_out_FD, use_reentrant=False)
-        return self._expert(x_nD, w_in_DF, w_out_FD)
-
-    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_ND holds counts[e] consecutive tokens for expert e; returns their outputs in the same order."""
+    def _per_expert(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One product per expert (devices without grouped GEMM for this dtype)."""
         # split/unbind rather than slicing per expert: slicing makes backward zero-fill and sum one
         # full-size gradient per expert (17% of a step in a profile); this gives identical numbers.
         w_in, w_out = self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0)
-        outputs = [self._run_expert(x_nD, w_in_DF, w_out_FD)
-                   for x_nD, w_in_DF, w_out_FD, n in zip(x_ND.split(list(counts)), w_in, w_out, counts) if n]
+        outputs = [self._checkpointed(self._expert, x_nD, w_in_DF, w_out_FD)
+                   for x_nD, w_in_DF, w_out_FD, n in zip(x_ND.split(counts), w_in, w_out, counts) if n]
         if not outputs:
             # No tokens here: keep every parameter in the graph so backward reaches it with zeros.
             return x_ND.new_zeros(0, x_ND.shape[1]) + 0.0 * (self.w_in_EDF.sum() + self.w_out_EFD.sum())
@@ -75,10 +89,47 @@ class GroupedExperts(nn.Module):
 
     def forward_all(self, x_GD: torch.Tensor) -> torch.Tensor:
         """Every expert on every token: returns o_EGD."""
-        # One expert at a time: 1.5x faster fwd+bwd than two batched [E, G, .] products on CPU (measured at
-        # E 8, G 4096, D 256, F 1024), and only one expert's hidden layer is ever being computed.
-        return torch.stack([self._run_expert(x_GD, w_in_DF, w_out_FD)
-                            for w_in_DF, w_out_FD in zip(self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0))])
+        if self.recompute_hidden and torch.is_grad_enabled():
+            # One expert at a time, each recomputed in backward: at most one hidden layer is ever alive.
+            return torch.stack([self._checkpointed(self._expert, x_GD, w_in_DF, w_out_FD)
+                                for w_in_DF, w_out_FD in zip(self.w_in_EDF.unbind(0), self.w_out_EFD.unbind(0))])
+        num_experts, d_model, in_width = self.w_in_EDF.shape
+        # All experts' input projections are one product with the experts side by side: [D, E * F_in].
+        w_in_DX = self.w_in_EDF.transpose(0, 1).reshape(d_model, num_experts * in_width)
+        h_GEF = self._act((x_GD @ w_in_DX).view(-1, num_experts, in_width))
+        return torch.bmm(h_GEF.transpose(0, 1), self.w_out_EFD)
+
+
+def grouped_gemm_supported(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `torch.nn.functional.grouped_mm` runs these operands: every row a multiple of 16 bytes (its
+    kernels' alignment, on CPU too), and on CPU (torch >= 2.9) any float dtype, on CUDA bf16 on compute capability
+    8.0 or newer; nowhere else."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    row_sizes = [x_ND.shape[-1]] + [size for w in weights for size in w.shape[-2:]]
+    if any(size * x_ND.element_size() % 16 for size in row_sizes):
+        return False
+    if x_ND.device.type == "cpu":
+        return True
+    return (x_ND.device.type == "cuda" and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)
+            and all(t.dtype == torch.bfloat16 for t in (x_ND, *weights)))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses the stride-0 gradient
+    an expanded tensor gives (`y.sum().backward()`), and an empty one with zero strides."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(grad.shape) if grad.numel() == 0 else grad.contiguous()
+
+
+def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(x)
 
 
 def expert_init_stds(cfg, d_model: int, n_layers: int) -> tuple[float, float]:
@@ -114,3 +165,27 @@ class DenseFFN(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             return self.w_out(F.silu(gate) * up)
         return self.w_out(F.gelu(h))
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one torch._grouped_mm, counted as FlopCounterMode counts a matmul (2 per multiply-add): the products
+    of all groups together are those of one [rows, contraction] x [contraction, columns] product. 2D x 2D (the
+    weight gradients): the contraction is the jagged dim, the output [groups, rows, columns]; otherwise the output is
+    [rows, columns] (2D x 3D) or [groups, rows, columns] (3D x 3D), the contraction a's last dim."""
+    contraction = a_shape[-1]
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * out_shape[-2] * out_shape[-1] * contraction
+    return 2 * math.prod(out_shape) * contraction
+
+
+def _register_grouped_mm_flops() -> None:
+    """torch's FlopCounterMode has no formula for grouped GEMM (torch 2.13): without one, a FLOP count of our experts
+    would read zero."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is not None and op not in flop_registry:
+        register_flop_formula(op)(grouped_mm_flops)
+
+
+_register_grouped_mm_flops()

@@ -1,8 +1,8 @@
 """The MoE layer: a routing policy (router step or competition step) over a token transport.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D d_model, E global experts, e local experts,
-K choices per token, A kept assignments, N tokens at this rank's experts, G tokens answered by
-every local expert in a competition step.
+K choices per token, A = T*K assignments (token-major), N kept rows at this rank's experts, G tokens
+answered by every local expert in a competition step.
 """
 
 from __future__ import annotations
@@ -32,12 +32,41 @@ class MoEAux:
 def capacity_keep_mask(expert_A: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Keep the first `capacity` assignments of each expert in assignment (token-major) order."""
     order_A = torch.argsort(expert_A, stable=True)
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = routing.count_per_expert(expert_A, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_in_expert_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - starts_E[expert_A[order_A]]
     keep_A = torch.empty_like(expert_A, dtype=torch.bool)
     keep_A[order_A] = rank_in_expert_sorted < capacity
     return keep_A
+
+
+class _Affinity(torch.autograd.Function):
+    """An affinity of every expert's outputs (routing.AFFINITIES), computed in fp32 one expert at a time: only the
+    outputs in their own dtype are kept for backward, never an fp32 copy of all of them."""
+
+    @staticmethod
+    def forward(ctx, outputs_eGD, kind):
+        ctx.kind = kind
+        ctx.save_for_backward(outputs_eGD)
+        return torch.stack([routing.AFFINITIES[kind](o_GD.float()) for o_GD in outputs_eGD])
+
+    @staticmethod
+    def backward(ctx, grad_eG):
+        (outputs_eGD,) = ctx.saved_tensors
+        grad_eGD = torch.empty_like(outputs_eGD)
+        for o_GD, g_G, out_GD in zip(outputs_eGD, grad_eG, grad_eGD):
+            with torch.enable_grad():
+                o32_GD = o_GD.detach().float().requires_grad_()
+                (grad_o32,) = torch.autograd.grad(routing.AFFINITIES[ctx.kind](o32_GD), o32_GD, g_G)
+            out_GD.copy_(grad_o32)
+        return grad_eGD, None
+
+
+def expert_affinities(outputs_eGD: torch.Tensor, kind: str) -> torch.Tensor:
+    """scores_eG (fp32): the affinity `kind` of each expert's output for each token."""
+    if outputs_eGD.dtype == torch.float32:
+        return routing.AFFINITIES[kind](outputs_eGD)
+    return _Affinity.apply(outputs_eGD, kind)
 
 
 def _softmax_router(cfg: MoEConfig, d_model: int, raw_gates: bool) -> routing.SoftmaxRouter:
@@ -91,24 +120,20 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         decision = self.route(x_TD, ctx)
         weights_TK, experts_TK = decision.weights_TK, decision.experts_TK
-        top_k = experts_TK.shape[1]
-
-        num_tokens = x_TD.shape[0]
-        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(top_k)
-        expert_A, weight_A = experts_TK.reshape(-1), weights_TK.reshape(-1)
+        keep_TK = None
         if cfg.capacity_factor > 0:
+            num_tokens, top_k = experts_TK.shape
             capacity = math.ceil(cfg.capacity_factor * num_tokens * top_k / self.num_experts)
-            keep_A = capacity_keep_mask(expert_A, self.num_experts, capacity)
-            token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
+            keep_TK = capacity_keep_mask(experts_TK.reshape(-1), self.num_experts, capacity).view_as(experts_TK)
 
-        x_ND, meta = self.dispatcher.dispatch(x_TD, token_A, expert_A)
-        y_ND = self.experts(x_ND, meta.counts)
-        y_TD = self.dispatcher.combine(y_ND, weight_A, meta, num_tokens).to(x_TD.dtype)
+        x_ND, meta = self.dispatcher.dispatch(x_TD, experts_TK, keep_TK)
+        y_ND = self.experts(x_ND, meta.counts_e, meta.counts)
+        y_TD = self.dispatcher.combine(y_ND, weights_TK, meta).to(x_TD.dtype)
 
         stats = self._common_stats(decision.probs_TE, experts_TK, competed=False)
         stats.update(decision.stats)
-        if cfg.capacity_factor > 0:
-            stats["dropped_fraction"] = 1.0 - weight_A.new_tensor(expert_A.numel() / max(experts_TK.numel(), 1))
+        if keep_TK is not None:
+            stats["dropped_fraction"] = 1.0 - keep_TK.float().mean()
         return y_TD, MoEAux(loss=decision.loss, stats=stats)
 
     def _competition_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
@@ -123,7 +148,7 @@ class MoELayer(nn.Module):
         # gather='outputs' (expert parallel): each home rank now holds all E experts' outputs for its
         # own tokens and the rest of the step is local. Otherwise a no-op.
         outputs_eGD, meta = self.dispatcher.gather_outputs(outputs_eGD, meta)
-        scores_Ge = routing.AFFINITIES[comp.affinity](outputs_eGD.float()).transpose(0, 1)
+        scores_Ge = expert_affinities(outputs_eGD, comp.affinity).transpose(0, 1)
         scores_TE = self.dispatcher.gather_scores(scores_Ge, meta)
         if comp.combine_gate:
             scores_TE = routing.combine_gate(scores_TE, logits_TE)
@@ -131,7 +156,7 @@ class MoELayer(nn.Module):
         top_scores_TK, winners_TK = scores_TE.topk(self.top_k, dim=-1)
         weights_TK = routing.competition_weights(top_scores_TK, comp.variant)
         outputs_TKD = self.dispatcher.gather_winners(outputs_eGD, winners_TK, meta)
-        y_TD = (weights_TK.unsqueeze(-1).to(outputs_TKD.dtype) * outputs_TKD).sum(1).to(x_TD.dtype)
+        y_TD = (weights_TK.unsqueeze(-1).float() * outputs_TKD.float()).sum(1).to(x_TD.dtype)
 
         loss, stats = self._competition_losses(p_router_TE, scores_TE, winners_TK, outputs_TKD)
         return y_TD, MoEAux(loss=loss, stats=stats)
@@ -164,5 +189,5 @@ class MoELayer(nn.Module):
         return {
             "expert_fraction": routing.expert_fraction(chosen_TK, self.num_experts),
             "router_entropy": routing.entropy(probs_TE.detach()),
-            "competed": probs_TE.new_tensor(float(competed)),
+            "competed": probs_TE.new_full((), float(competed)),
         }

@@ -111,8 +111,14 @@ def switch_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.T
 
 
 def expert_fraction(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=num_experts).float()
-    return counts_E / max(idx_TK.numel(), 1)
+    return count_per_expert(idx_TK, num_experts).float() / max(idx_TK.numel(), 1)
+
+
+def count_per_expert(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of idx name each expert (int64 [E]). Unlike torch.bincount it never waits for the device
+    (bincount reads the largest id on the host to size its output)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -279,15 +279,15 @@ def activations_per_token(w: Workload, ep: int) -> dict[str, float]:
     ep_indices = 2 * INDEX_BYTES * K if ep > 1 else 0  # the received rows' permutation, both ways
     moe_router_step = (router + INDEX_BYTES * K + b * K * D  # dispatch's gather index, the experts' rows
                        + (K * hidden if experts_on else 0)
-                       + 2 * INDEX_BYTES * K + 2 * b * K * D + b * K  # combine: unsort, weighted scatter-add
+                       + 2 * INDEX_BYTES * K + (b + FP32) * K * D + FP32 * K  # combine: unsort, weighted sum in fp32
                        + ep_indices)
     dense_ffn = norm + b * D + _hidden_bytes(m.dense_activation or moe.activation, m.dense_hidden, b)
     competition = (FP32 * D + FP32 * E  # the router's x and p_R
                    + _competition_tokens_bytes(w, ep)
-                   + (E * hidden if experts_on else 0) + FP32 * E * D  # every expert on every token; affinity input
+                   + (E * hidden if experts_on else 0) + b * E * D  # every expert on every token (the affinity's input)
                    + 2 * INDEX_BYTES * K + FP32 * K + 2 * FP32  # winners (and the router's choice), weights
                    + _winner_rows_indices(K, ep, w.moe.competition.gather)
-                   + b * K * D + b * K  # the winners' outputs and weights in the mix
+                   + FP32 * K * D + FP32 * K  # the winners' outputs and weights in the mix (fp32)
                    + FP32 * E + 2 * FP32 * K  # p_C, the hybrid loss's gathers
                    + _diversity_bytes(K, D, b))
     return {
@@ -300,12 +300,14 @@ def activations_per_token(w: Workload, ep: int) -> dict[str, float]:
         "head": norm + b * D + FP32 * V,  # final norm, the head's input, log-softmax output (fp32)
         "logits": b * V,
         "head_transient": 2 * FP32 * V,  # gradients of the log-softmax output and of the fp32 logits
-        # Every expert output's gradient, reached through the affinities (the mean's gradient spread over the
-        # fp32 outputs, then softplus's) and through the winners; which branch autograd runs first depends on the
-        # graph, so the larger of the two orders: the affinity branch first holds both fp32 gradients and the
-        # winners' one, the winners first holds the fp32 and activation-dtype gradients of every output and of
-        # the winners' outputs (the mix and the diversity loss) and the layer's output gradient.
-        "competition_transient": max((2 * FP32 + b) * E * D, (FP32 + b) * (E + K) * D + b * D),
+        # Every expert output's gradient, reached through the affinities and through the winners; which branch
+        # autograd runs first depends on the graph, so the larger of the two orders. The affinity branch first: in
+        # fp32 both of autograd's gradients (the mean's spread over the outputs, then softplus's) and the winners'
+        # one; below fp32 the outputs' gradient and one expert's fp32 work at a time (moe/layer.py _Affinity). The
+        # winners first: the gradients of every output (fp32 has a second, the affinity's) and of the winners'
+        # outputs in fp32 and in the activation dtype (the mix and the diversity loss), and the layer's output's.
+        "competition_transient": max((2 * FP32 + b) * E * D if b == FP32 else b * E * D + 3 * FP32 * D,
+                                     (b + (FP32 if b == FP32 else 0)) * E * D + (FP32 + b) * K * D + b * D),
         # Measured rather than derived (MemTracker, fp32 and bf16, GELU and SwiGLU): what a router-step block's
         # backward holds at once grows with its K rows and its token per token, in fp32 whatever the precision.
         "block_transient": FP32 * (K + 1) * D,

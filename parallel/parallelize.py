@@ -8,11 +8,16 @@ DeepSpeed engine (`parallel.deepspeed.engine.make_engine`).
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from competesmoe.moe.layer import MoELayer
 from competesmoe.moe.model import TransformerLM
+from competesmoe.parallel.collectives import SAVED_OPS
 from competesmoe.parallel.expert_parallel import AllToAllDispatcher
 from competesmoe.parallel.groups import ParallelGroups
 
@@ -37,19 +42,29 @@ def shard_experts(layer: MoELayer, groups: ParallelGroups, gather: str = "scores
     layer.dispatcher = AllToAllDispatcher(layer.num_experts, groups, gather)
 
 
+KEPT_FROM_FORWARD = frozenset({*SAVED_OPS, torch.ops.aten.topk.default})
+"""What 'full' activation checkpointing keeps instead of recomputing: every collective's output (a recomputation
+that re-entered one would talk to ranks that are not there) and every top-K (on CUDA, ties may resolve otherwise
+the second time: other experts, other split sizes, and the ranks' all-to-alls would no longer match)."""
+
+
+def _keep_collectives_and_topk(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_FROM_FORWARD else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def apply_activation_checkpointing(model: TransformerLM, mode: str) -> None:
     """Recompute in backward what forward would keep ('none' | 'experts' | 'full', see ParallelConfig).
 
-    'experts': each expert's hidden layer is recomputed one expert at a time (GroupedExperts.recompute_hidden),
-    on router and competition steps; no collective is inside. 'full': torch's composable checkpoint
-    (non-reentrant, RNG replayed) on every block, hooked in place so parameter names, DeepSpeed's parameter
-    groups and checkpoints are unchanged; it recomputes the block's whole forward (early_stop off), so every
-    rank re-enters all of the block's collectives in the same order, even where its own saved tensors would
-    have been complete sooner.
+    'experts': the experts' hidden layers are recomputed (GroupedExperts.recompute_hidden), on router and
+    competition steps; no collective is inside. 'full': torch's composable checkpoint on every block, hooked in place
+    so parameter names, DeepSpeed's parameter groups and checkpoints are unchanged, with a selective policy (as
+    torchtitan's): the block's forward is recomputed except the outputs of its collectives and top-Ks
+    (`KEPT_FROM_FORWARD`), which backward takes from forward. So backward never re-enters a forward collective and
+    recomputes the routing from the same expert choices.
     """
     if mode == "full":
         for block in model.blocks:
-            checkpoint(block, early_stop=False)
+            checkpoint(block, context_fn=partial(create_selective_checkpoint_contexts, _keep_collectives_and_topk))
     elif mode == "experts":
         for layer in model.moe_layers:
             layer.experts.recompute_hidden = True

@@ -133,12 +133,20 @@ def test_compose_prepares_before_the_nodes(tmp_path):
     assert "runs:/workspace/runs" in services["prepare"]["volumes"]
 
 
+def test_compose_nodes_may_pin_memory_for_rdma():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name in ("node0", "node1"):
+        assert "IPC_LOCK" in services[name]["cap_add"] and services[name]["ulimits"]["memlock"] == -1
+    assert "/dev/infiniband" in (DOCKER / "compose.yaml").read_text()  # the note for RDMA hosts
+
+
 # ---------------------------------------------------------------------------------------------- Slurm
 
 SRUN = r"""#!/bin/bash
 # srun stand-in: run the command once per node of the allocation (once on the first with --ntasks=1),
 # with that node's SLURM_NODEID
 nodes=$SLURM_NNODES
+echo "SRUN cpus-per-task=${SRUN_CPUS_PER_TASK:-unset}"  # srun's own --cpus-per-task (Slurm >= 22.05)
 while [[ "$1" == -* ]]; do [ "$1" = --ntasks=1 ] && nodes=1; shift; done
 for ((node = 0; node < nodes; node++)); do
   SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?
@@ -172,7 +180,7 @@ def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]
     stub(bin_dir, "scontrol", SCONTROL)
     stub(bin_dir, "competesmoe", COMPETESMOE.format(python=sys.executable))
     slurm = {"SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
-             "SLURM_JOB_ID": "4242"}
+             "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "32"}
     result = subprocess.run(["bash", str(DOCKER / "slurm" / "train.sbatch"), "configs/switch-small.yaml",
                              "output_dir=/shared/runs/s"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **slurm, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
@@ -182,6 +190,8 @@ def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]
     prepares = [line for line in out if line.startswith("PREPARE")]
     assert len(lines) == 2 and len(prepares) == 1, result.stdout
     assert out.index(prepares[0]) < out.index(lines[0]), "prepare runs before the nodes start"
+    # every step's task gets the job's cores (recent srun does not inherit sbatch's --cpus-per-task)
+    assert [line for line in out if line.startswith("SRUN ")] == ["SRUN cpus-per-task=32"] * 2, result.stdout
     return [underlying(line) for line in lines], shlex.split(prepares[0])[1:]
 
 
@@ -246,6 +256,36 @@ def test_kubernetes_indexed_job():
     check_prepare_matches_training(image_args(init["command"][2:]), train_args(nodes[0][1]))
     assert {(m["name"], m["mountPath"]) for m in init["volumeMounts"]} <= \
         {(m["name"], m["mountPath"]) for m in container["volumeMounts"]}
+    # NCCL over RDMA: memory pinning allowed, and the spec says where the HCAs come from
+    assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"]
+    assert "rdma/hca" in (DOCKER / "k8s" / "train-job.yaml").read_text()
+
+
+def test_kubernetes_pods_wait_for_pod_0s_name_until_the_rendezvous_timeout(monkeypatch, capsys):
+    """backoffLimit 0: a pod other than 0 that gave up on pod 0's DNS name at once (a slow image pull on pod 0)
+    would fail the whole Job; its preflight retries until the rendezvous would time out anyway."""
+    import socket
+
+    from competesmoe.common.errors import UserError
+    from competesmoe.launcher import launch
+
+    real, calls = socket.getaddrinfo, []
+
+    def not_yet(host, *args, **kwargs):
+        calls.append(host)
+        if host == "nowhere" or host == "competesmoe-0.competesmoe" and len(calls) < 3:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", not_yet)
+    monkeypatch.setattr(launch, "RESOLVE_RETRY_S", 0.01)
+    plan = launch.Plan("torchrun-rdzv", [], {}, master_addr="competesmoe-0.competesmoe", node_rank=1)
+    launch.preflight(plan, launch.LaunchOptions(master_port=29500))
+    assert len(calls) == 3 and capsys.readouterr().err.count("does not resolve yet") == 1
+    assert launch.RENDEZVOUS_TIMEOUT == 600  # torchrun's c10d join timeout
+
+    with pytest.raises(UserError, match="master address nowhere does not resolve .* after 0 s"):
+        launch.check_route("nowhere", 29500, "master address", wait_s=0.05)
 
 
 @pytest.mark.parametrize("spec", ["compose.yaml", "k8s/train-job.yaml"])

@@ -57,6 +57,17 @@ def test_dockerfile_copies_existing_files_and_pins_versions(dockerfile):
     assert ignore[0] == "*" and "!launcher/" in ignore  # the build context is only the project's sources
 
 
+def test_the_gpu_image_keeps_its_cuda_torch():
+    """After the CUDA wheel, every pip install runs under a constraint pinning that torch (no PyPI replacement)."""
+    text = "\n".join(line for line in (ROOT / "docker" / "Dockerfile.gpu").read_text().splitlines()
+                     if not line.startswith("#"))
+    torch_install = text.index('--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"')
+    constraint = re.search(r"^ENV PIP_CONSTRAINT=(\S+)$", text, re.M)
+    assert constraint and f'echo "torch==${{TORCH_VERSION}}" > {constraint.group(1)}' in text
+    later = [m.start() for m in re.finditer(r"\bpip install\b", text) if m.start() > torch_install]
+    assert later and all(i > constraint.start() for i in later)
+
+
 @pytest.mark.skipif(os.environ.get("COMPETESMOE_DOCKER_TEST") != "1",
                     reason="image build + run takes ~10+ min; set COMPETESMOE_DOCKER_TEST=1 (root, buildah, debootstrap)")
 def test_cpu_image_builds_and_trains():

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from competesmoe.moe.config import CompetitionConfig, MoEConfig
-from competesmoe.moe.dispatch import weighted_scatter
 from competesmoe.moe.layer import MoELayer
 from competesmoe.parallel.expert_parallel import AllToAllDispatcher, group_token_index, local_expert_order
 from competesmoe.parallel.groups import ParallelGroups
@@ -222,7 +221,7 @@ def _run_roundtrip(rank: int, world: int, groups, num_experts: int = 8, top_k: i
     d = AllToAllDispatcher(E, groups)
     keep = nn.Parameter(torch.zeros(()))
     x = xs[rank].clone().requires_grad_()
-    x_ND, meta = d.dispatch(x, token_As[rank], expert_As[rank])
+    x_ND, meta = d.dispatch(x, expert_As[rank].view(-1, top_k))
 
     want_rows, want_counts = [], []
     for j in range(e):
@@ -235,9 +234,10 @@ def _run_roundtrip(rank: int, world: int, groups, num_experts: int = 8, top_k: i
 
     # GroupedExperts with no rows returns zeros that do not depend on its input: mimic that.
     y_ND = x_ND * (1.0 + keep) if x_ND.shape[0] else x_ND.new_zeros(0, D_MODEL) + 0.0 * keep
-    y = d.combine(y_ND, weight_As[rank], meta, home[rank])
-    check.close("combined output", y.detach(), weighted_scatter(xs[rank][token_As[rank]], weight_As[rank],
-                                                                token_As[rank], home[rank]))
+    y = d.combine(y_ND, weight_As[rank].view(-1, top_k), meta)
+    want_y = torch.zeros(home[rank], D_MODEL).index_add(0, token_As[rank],
+                                                        xs[rank][token_As[rank]] * weight_As[rank].unsqueeze(1))
+    check.close("combined output", y.detach(), want_y)
     (y * R).sum().backward()
     want_grad = torch.zeros(home[rank]).index_add(0, token_As[rank], weight_As[rank]).unsqueeze(1) * R
     check.close("input grad", x.grad, want_grad)

@@ -314,7 +314,7 @@ def test_metrics_report_each_weighted_term_against_the_lm_loss(tmp_path):
     stats = RoutingStats()
     stats.add([router_aux], torch.tensor(2.0))
     stats.add([comp_aux], torch.tensor(4.0))
-    (reduced,) = stats.reduce(None)
+    (reduced,) = stats.reduce(None, torch.device("cpu"))
     assert reduced["router_loss_to_lm"] == pytest.approx(comp_aux.stats["weighted_router_loss"].item() / 4.0)
     assert reduced["balance_loss_to_lm"] == pytest.approx(router_aux.stats["weighted_balance_loss"].item() / 2.0)
     assert reduced["aux_loss_to_lm"] == pytest.approx((router_aux.loss.item() / 2.0 + comp_aux.loss.item() / 4.0) / 2)

@@ -1,4 +1,6 @@
 """`competesmoe bench moe-layer`: our MoE layer against DeepSpeed's, measured in one run.
+(`competesmoe bench train`: the whole training step against the same model with DeepSpeed's MoE layers; see
+experiments/bench/whole_model.py.)
 
     competesmoe bench moe-layer [--d-model 256 --experts 8 --hidden 1024 --tokens 4096 --top-k 1 2
                                  --ep 1 2 --iters 7 --competition-iters 3 --clock wall]
@@ -57,14 +59,15 @@ _NOT_OPTIONS = ("command", "bench_target", "run_command")
 
 def add_command(subparsers) -> None:
     """Entry point `competesmoe.commands: bench`: add `competesmoe bench` to the command's sub-parsers."""
-    parser = subparsers.add_parser("bench", help="benchmarks: `bench moe-layer` (ours vs DeepSpeed-MoE)")
+    parser = subparsers.add_parser("bench", help="benchmarks: `bench moe-layer`, `bench train` (ours vs DeepSpeed-MoE)")
     add_arguments(parser)
     parser.set_defaults(run_command=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the benchmark sub-commands (`moe-layer`) and their options to `parser`."""
-    sub = parser.add_subparsers(dest="bench_target", required=True, metavar="{moe-layer}")
+    """Add the benchmark sub-commands (`moe-layer`, `train`) and their options to `parser`."""
+    sub = parser.add_subparsers(dest="bench_target", required=True, metavar="{moe-layer,train}")
+    _add_train(sub)
     moe = sub.add_parser("moe-layer", help="our MoE layer vs deepspeed.moe.layer.MoE: speed, expert "
                                            "efficiency, competition cost, communication, memory",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +97,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
 
 
+TRAIN_QUICK = dict(iters=2, warmup=1, comm_iters=1)
+
+
+def _add_train(sub) -> None:
+    from competesmoe.experiments.bench import whole_model
+
+    train = sub.add_parser("train", help="our whole training step vs the same model with deepspeed.moe.layer.MoE: "
+                                         "tokens/s, peak memory, communication share",
+                           description=whole_model.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", help="the run's YAML config (its model, MoE and engine settings)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, as for `competesmoe train`")
+    train.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
+    train.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes)")
+    train.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    train.add_argument("--iters", type=int, default=10, help="timed steps per model (median)")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    train.add_argument("--comm-iters", type=int, default=3, help="further steps timing the communication")
+    train.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    train.add_argument("--quick", action="store_true", help="smoke-test settings: " +
+                       ", ".join(f"{k} {v}" for k, v in TRAIN_QUICK.items()))
+
+
 def _capacity_factor(text: str):
     if text.replace(" ", "").upper() == "E/K":
         return "E/K"
@@ -107,6 +132,8 @@ def _capacity_factor(text: str):
 
 
 def _validate(opts: SimpleNamespace) -> None:
+    if opts.bench == "train":
+        return _validate_train(opts)
     for name in ("d_model", "experts", "hidden", "tokens", "iters", "competition_iters", "nproc", "threads"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -120,11 +147,30 @@ def _validate(opts: SimpleNamespace) -> None:
             raise UserError(f"--ep {ep} must divide both --nproc ({opts.nproc}) and --experts ({opts.experts})")
 
 
+def _validate_train(opts: SimpleNamespace) -> None:
+    from competesmoe.launcher.config import load_config
+
+    for name in ("iters", "comm_iters", "nproc", "threads"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg = load_config(opts.config, opts.overrides)  # a bad config or override: ConfigError, one line
+    for ep in opts.ep:
+        if ep < 1 or opts.nproc % ep or cfg.moe.num_experts % ep:
+            raise UserError(f"--ep {ep} must divide both --nproc ({opts.nproc}) and moe.num_experts "
+                            f"({cfg.moe.num_experts})")
+    if cfg.moe.top_k > 2:
+        raise UserError(f"moe.top_k {cfg.moe.top_k}: deepspeed.moe.layer.MoE routes to 1 or 2 experts")
+
+
 def _options(args: argparse.Namespace) -> SimpleNamespace:
     opts = SimpleNamespace(**{k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS})
+    opts.bench = args.bench_target
     if opts.quick:
-        for k, v in QUICK.items():
+        for k, v in (TRAIN_QUICK if opts.bench == "train" else QUICK).items():
             setattr(opts, k, v)
+    if opts.bench == "train":
+        opts.ep = sorted(dict.fromkeys(opts.ep))
+        return opts
     opts.top_k = sorted(dict.fromkeys(opts.top_k))
     opts.ep = sorted(dict.fromkeys(opts.ep))
     return opts
@@ -133,19 +179,20 @@ def _options(args: argparse.Namespace) -> SimpleNamespace:
 def run(args: argparse.Namespace) -> int:
     """Run what `add_arguments` parsed. A bad option raises UserError; a failed rank prints its
     traceback and returns 1."""
-    from competesmoe.experiments.bench.moe_layer import run_ranks
-    from competesmoe.experiments.bench.report import report
+    from competesmoe.experiments.bench import moe_layer, report, whole_model
     from competesmoe.parallel.ranks import RankFailed, RankTimeout
 
     opts = _options(args)
     _validate(opts)
     t0, load_before = time.monotonic(), _loadavg()
     try:
-        results = run_ranks(opts)
+        results = (whole_model if opts.bench == "train" else moe_layer).run_ranks(opts)
     except (RankFailed, RankTimeout) as err:
         print(f"competesmoe bench: failed: {err}", file=sys.stderr)
         return 1
-    print(report(opts, results, time.monotonic() - t0, (load_before, _loadavg())), flush=True)
+    wall = time.monotonic() - t0
+    print(whole_model.report(opts, results, wall) if opts.bench == "train" else
+          report.report(opts, results, wall, (load_before, _loadavg())), flush=True)
     return 0
 
 

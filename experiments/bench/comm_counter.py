@@ -1,7 +1,8 @@
 """The bytes a rank sends to the other ranks, per c10d collective, seen at dispatch level.
 
 A TorchDispatchMode sees every c10d collective of the ranks' steps however the caller reached it
-(torch.distributed, an early-bound alias, deepspeed.comm). The self chunk never crosses the wire;
+(torch.distributed, an early-bound alias, deepspeed.comm, torch's functional collectives, which our token
+transport uses: they are named here by their c10d twins). The self chunk never crosses the wire;
 all_reduce is counted as a ring: 2 (P-1)/P of the tensor.
 """
 
@@ -23,11 +24,14 @@ class CommCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "c10d":
-            name = func._schema.name.split("::")[-1]
-            if name != "barrier":
-                self.calls.append((name, sent_bytes(name, args)))
-                self.group_sizes.append(_group_size(args))
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "c10d" and name != "barrier":
+            self.calls.append((name, sent_bytes(name, args)))
+            self.group_sizes.append(_group_size(args))
+        elif func.namespace == "_c10d_functional" and name in _FUNCTIONAL:
+            twin, pg, sent = _functional_call(name, args)
+            self.calls.append((twin, sent))
+            self.group_sizes.append(pg.size())
         return func(*args, **kwargs)
 
     def total(self) -> int:
@@ -40,6 +44,26 @@ class CommCounter(TorchDispatchMode):
             n, t = out.get(name, (0, 0))
             out[name] = (n + 1, t + b)
         return out
+
+
+_FUNCTIONAL = {"all_to_all_single": "alltoall_base_", "all_gather_into_tensor": "_allgather_base_",
+               "reduce_scatter_tensor": "_reduce_scatter_base_", "all_reduce": "allreduce_"}
+"""torch's functional collectives (their last argument is the group's name) and their c10d twins."""
+
+
+def _functional_call(name: str, args) -> tuple[str, dist.ProcessGroup, int]:
+    """A functional collective's c10d twin, its group, and the bytes this rank sends to the other ranks."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(args[-1])
+    size, rank, x = pg.size(), pg.rank(), args[0]
+    if size <= 1:
+        return _FUNCTIONAL[name], pg, 0
+    sent = {"all_to_all_single": lambda: _alltoall_base_bytes(x, list(args[2] or []), size, rank),
+            "all_gather_into_tensor": lambda: _nbytes(x) * (size - 1),
+            "reduce_scatter_tensor": lambda: _nbytes(x) - _nbytes(x) // size,
+            "all_reduce": lambda: 2 * (size - 1) * _nbytes(x) // size}[name]()
+    return _FUNCTIONAL[name], pg, sent
 
 
 def _process_group(args) -> dist.ProcessGroup | None:

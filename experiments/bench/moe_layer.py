@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.experiments.bench.comm_counter import CommCounter
+from competesmoe.experiments.bench.host_syncs import HostSyncCounter
 from competesmoe.experiments.bench.measure import agree, first_error_line, machine, peak_step_bytes, time_variants
 
 _TRIED = ("ours", "deepspeed", "competition")
@@ -185,27 +186,26 @@ class LayerCell:
         return floor
 
     @torch.no_grad()
-    def _routed_rows(self) -> tuple[torch.Tensor, list[int]]:
-        """The rows the router step sends to this rank's experts, and their count per local expert."""
+    def _routed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the router step sends to this rank's experts, and their count per local expert (counts_e)."""
         from competesmoe.moe.routing import RoutingContext
 
         x_TD = self.x.detach().reshape(self.opts.tokens, self.opts.d_model)
         experts_TK = self.ours.route(x_TD, RoutingContext()).experts_TK  # the router step's choice
-        token_A = torch.arange(x_TD.shape[0]).repeat_interleave(self.k)
         router_dispatcher = next(iter(self.dispatchers.values()))
-        x_ND, meta = router_dispatcher.dispatch(x_TD, token_A, experts_TK.reshape(-1))
-        return x_ND, list(meta.counts)
+        x_ND, meta = router_dispatcher.dispatch(x_TD, experts_TK)
+        return x_ND, meta.counts_e
 
-    def _expert_block(self, x_ND: torch.Tensor, counts: list[int]) -> Callable:
+    def _expert_block(self, x_ND: torch.Tensor, counts_e: torch.Tensor) -> Callable:
         """Our GroupedExperts alone, fwd+bwd, on the routed rows."""
         experts = self.ours.experts
         x_ND = x_ND.clone().requires_grad_(True)
-        probe_ND = torch.randn(int(sum(counts)), self.opts.d_model, generator=self.gen)
+        probe_ND = torch.randn(x_ND.shape[0], self.opts.d_model, generator=self.gen)
 
         def expert_block():
             experts.zero_grad(set_to_none=True)
             x_ND.grad = None
-            (experts(x_ND, counts) * probe_ND).sum().backward()
+            (experts(x_ND, counts_e) * probe_ND).sum().backward()
         return expert_block
 
     def _dense_references(self, rows: int) -> dict[str, Callable]:
@@ -239,9 +239,9 @@ class LayerCell:
     def measure(self) -> dict:
         variants = self._layer_variants()
         variants["floor"] = self._floor()
-        x_ND, counts = self._routed_rows()
-        rows = int(sum(counts))
-        variants["expert_block"] = self._expert_block(x_ND, counts)
+        x_ND, counts_e = self._routed_rows()
+        counts, rows = counts_e.tolist(), x_ND.shape[0]
+        variants["expert_block"] = self._expert_block(x_ND, counts_e)
         variants.update(self._dense_references(rows))
 
         errors, comm, outputs = self._try_each(variants)
@@ -262,8 +262,9 @@ class LayerCell:
                 "match": match, "match_scale": match_scale, "modes": [*self.dispatchers, self.recompute_mode]}
 
     def _try_each(self, variants: dict[str, Callable]) -> tuple[dict, dict, dict]:
-        """One trial step of each layer variant with the communication counted (all ranks agree to drop a
-        variant that failed anywhere): errors, bytes and outputs by variant."""
+        """One trial step of each layer variant with the communication and the device-to-host transfers counted
+        (all ranks agree to drop a variant that failed anywhere): errors, bytes (and host syncs) and outputs by
+        variant."""
         errors, comm, outputs = {}, {}, {}
         for name in [n for n in variants if n.startswith(_TRIED)]:
             counter = CommCounter()
@@ -271,7 +272,7 @@ class LayerCell:
                 if hasattr(d, "comm_bytes"):
                     d.comm_bytes.clear()
             try:
-                with counter:
+                with counter, HostSyncCounter() as syncs:
                     y = variants[name]()
                 outputs[name] = y.detach()
                 ok, err = True, None
@@ -282,7 +283,7 @@ class LayerCell:
                 del variants[name]
                 continue
             comm[name] = {"total": counter.total(), "by_collective": counter.summary(),
-                          "dispatcher_counters": self._dispatcher_counters()}
+                          "dispatcher_counters": self._dispatcher_counters(), "host_syncs": syncs.count}
         return errors, comm, outputs
 
     def _dispatcher_counters(self) -> dict[str, int]:

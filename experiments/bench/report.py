@@ -19,7 +19,7 @@ def report(opts: SimpleNamespace, results: list[dict], wall: float, load: tuple[
     competition_lines, competition = _competition(cells)
     memory_lines, memory, memory_recompute = _memory(cells)
     return "\n".join([*_header(opts, results, load), *speed_lines, *efficiency_lines, *competition_lines,
-                      *_bytes(cells), *memory_lines, *_errors(results),
+                      *_bytes(cells), *_host_syncs(cells), *memory_lines, *_errors(results),
                       *_summary(opts, speedups, efficiencies, competition, memory, memory_recompute),
                       f"(benchmark wall time {wall:.0f} s)"])
 
@@ -158,24 +158,40 @@ def _competition(cells: list[list[dict]]) -> tuple[list[str], dict[tuple[int, in
                     "note"], rows)], ratios
 
 
+def _tried_variants(cells: list[list[dict]]):
+    """(the cell's rank-0 figures, every rank's, variant name) of each variant tried in each cell, ours first."""
+    for per_rank in cells:
+        for name in sorted({n for r in per_rank for n in r["comm"]}, key=lambda n: (n != "ours", n)):
+            yield per_rank[0], per_rank, name
+
+
 def _bytes(cells: list[list[dict]]) -> list[str]:
     rows = []
-    for per_rank in cells:
-        c = per_rank[0]
-        for name in sorted({n for r in per_rank for n in r["comm"]}, key=lambda n: (n != "ours", n)):
-            totals = [r["comm"].get(name, {}).get("total") for r in per_rank]
-            detail = per_rank[0]["comm"][name]["by_collective"]
-            parts = ", ".join(f"{k} x{n} {b / 2**20:.2f}" for k, (n, b) in detail.items()) or "none"
-            own = per_rank[0]["comm"][name]["dispatcher_counters"]
-            own_total = sum(own.values()) if own else None
-            est = f"{c['ds_estimate'] / 2**20:.2f}" if name == "deepspeed" else ""
-            rows.append([str(c["k"]), str(c["ep"]), name, " / ".join(_mb(x) for x in totals),
-                         "" if own_total is None else _mb(own_total), est, parts])
+    for c, per_rank, name in _tried_variants(cells):
+        totals = [r["comm"].get(name, {}).get("total") for r in per_rank]
+        detail = per_rank[0]["comm"][name]["by_collective"]
+        parts = ", ".join(f"{k} x{n} {b / 2**20:.2f}" for k, (n, b) in detail.items()) or "none"
+        own = per_rank[0]["comm"][name]["dispatcher_counters"]
+        own_total = sum(own.values()) if own else None
+        est = f"{c['ds_estimate'] / 2**20:.2f}" if name == "deepspeed" else ""
+        rows.append([str(c["k"]), str(c["ep"]), name, " / ".join(_mb(x) for x in totals),
+                     "" if own_total is None else _mb(own_total), est, parts])
     return ["\n4. bytes sent to other ranks per fwd+bwd step, MiB (measured: every c10d collective of one step "
             "seen by a TorchDispatchMode; per rank)",
             text_table(["K", "EP", "variant", "rank0 / rank1 ...", "dispatcher counter", "DS estimate",
                     "rank 0 by collective (calls, MiB)"], rows),
             "   DS estimate = 4 all-to-alls x E x C x d x 4 B x (P-1)/P (its capacity-padded dispatch tensor)"]
+
+
+def _host_syncs(cells: list[list[dict]]) -> list[str]:
+    rows = []
+    for c, per_rank, name in _tried_variants(cells):
+        counts = [r["comm"].get(name, {}).get("host_syncs") for r in per_rank]
+        rows.append([str(c["k"]), str(c["ep"]), name, " / ".join("n/a" if n is None else str(n) for n in counts)])
+    return ["\n4b. device-to-host transfers per fwd+bwd step (what would stop the host on a GPU: .item(), .tolist(), "
+            ".cpu(), bool(tensor), nonzero, boolean masks, bincount, repeat_interleave without output_size; "
+            "experiments/bench/host_syncs.py)",
+            text_table(["K", "EP", "variant", "rank0 / rank1 ..."], rows)]
 
 
 def _memory(cells: list[list[dict]]) -> tuple[list[str], dict[Cell, float | None], dict[Cell, float | None]]:

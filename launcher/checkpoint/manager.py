@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
 from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.common.files import fsync_path, write_atomic
@@ -36,6 +35,7 @@ from competesmoe.launcher.checkpoint.layout import (
 )
 from competesmoe.launcher.checkpoint.verify import find_resumable, verify, write_manifest
 from competesmoe.launcher.config import Config, to_dict
+from competesmoe.parallel import collectives
 from competesmoe.parallel.deepspeed import expert_files, optimizer_state
 from competesmoe.parallel.deepspeed.safe_load import use_safe_loads
 from competesmoe.parallel.groups import ParallelGroups
@@ -71,12 +71,15 @@ class TrainingState:
 class CheckpointManager:
     """One run's checkpoints under `root` (its checkpoints/ folder), for the ranks of one job."""
 
-    def __init__(self, root: Path, cfg: Config, groups: ParallelGroups, tokenizer: dict, state: TrainingState):
+    def __init__(self, root: Path, cfg: Config, groups: ParallelGroups, tokenizer: dict, state: TrainingState,
+                 device: torch.device):
+        """device: the compute device (the ranks' agreements travel there; its CUDA random stream is saved)."""
         self.root = root
         self.cfg = cfg
         self.groups = groups
         self.tokenizer = tokenizer
         self.state = state
+        self.device = device
 
     @property
     def engine(self):
@@ -109,11 +112,11 @@ class CheckpointManager:
         else:
             self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         optimizer_state.save_by_name(self.engine, staging / tag)
-        rng.save(staging / tag / rng_file(self.groups.rank))
-        dist.barrier()
+        rng.save(staging / tag / rng_file(self.groups.rank), self.device)
+        collectives.barrier(self.device)
         if self.groups.rank == 0:
             self._publish(tag, self.run_state(step))
-        dist.barrier()
+        collectives.barrier(self.device)
         return tag
 
     def run_state(self, step: int) -> dict:
@@ -128,7 +131,7 @@ class CheckpointManager:
         if self.groups.rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)
             staging.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        collectives.barrier(self.device)
         return staging
 
     def _publish(self, tag: str, run_state: dict) -> None:
@@ -153,9 +156,8 @@ class CheckpointManager:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
     def _refuse_nonfinite_weights(self, step: int) -> None:
-        bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in self.engine.module.parameters()))])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
+        finite = torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
+        if collectives.any_rank(~finite, self.device):
             raise UserError(f"refusing to save a checkpoint with non-finite weights at step {step}; "
                             f"the last good checkpoint is kept")
 
@@ -163,9 +165,7 @@ class CheckpointManager:
         """Weights plus two Adam moments, twice over (DeepSpeed's files and ours), must fit."""
         need = 5 * sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
         self.root.mkdir(parents=True, exist_ok=True)
-        short = torch.tensor([float(shutil.disk_usage(self.root).free < need)])
-        dist.all_reduce(short, op=dist.ReduceOp.MAX)
-        if short.item():
+        if collectives.any_rank(shutil.disk_usage(self.root).free < need, self.device):
             raise UserError(f"No space left for the step-{step} checkpoint under {self.root} (about "
                             f"{need / 2**20:.0f} MiB per rank needed); the previous checkpoint is kept; free space "
                             f"or choose another output_dir")
@@ -174,7 +174,7 @@ class CheckpointManager:
     def resume_point(self) -> Checkpoint | None:
         """The checkpoint `resume` names, verified by rank 0 and agreed by every rank; None to start fresh.
         A checkpoint named by path that does not verify raises on every rank."""
-        found, problem = agree(self._find() if self.groups.rank == 0 else None)
+        found, problem = collectives.broadcast_object(self._find() if self.groups.rank == 0 else None, self.device)
         if problem:
             raise CheckpointError(problem)
         return found
@@ -209,7 +209,7 @@ class CheckpointManager:
         self.state.sampler.load_state_dict(own.pop("sampler"))
         self.state.trainer.load_state_dict(own)
         if same_layout:
-            rng.restore(rng.load(saved.path / rng_file(self.groups.rank)))
+            rng.restore(rng.load(saved.path / rng_file(self.groups.rank)), self.device)
 
     def _check_compatible(self, saved: Checkpoint) -> None:
         """Refuse a checkpoint whose tokenizer or model shape differs from this run's, naming the field."""
@@ -224,10 +224,3 @@ class CheckpointManager:
                     raise UserError(f"{section}.{name} is {after} but checkpoint {saved.path} was trained with "
                                     f"{before}; a resumed run keeps the model shape")
 
-
-def agree(value):
-    """Rank 0's value on every rank (small Python objects)."""
-    box = [value]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]

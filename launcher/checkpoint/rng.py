@@ -1,4 +1,4 @@
-"""Each rank's random streams (Python, NumPy, torch CPU and CUDA), saved as tensors, numbers and tuples so
+"""Each rank's random streams (Python, NumPy, torch CPU and its compute device's CUDA stream), saved as tensors, numbers and tuples so
 that they load weights-only. Files from before held NumPy's state as an array; they still load, with
 NumPy's array reconstruction allowlisted (it builds arrays, nothing else)."""
 
@@ -19,7 +19,9 @@ LEGACY_GLOBALS = [(_reconstruct, "numpy._core.multiarray._reconstruct"),
 """What the NumPy state in RNG files written before this format needs (pickled under NumPy 2 or 1)."""
 
 
-def capture() -> dict:
+def capture(device: torch.device) -> dict:
+    """This process's streams; of CUDA, only the compute device's (another process of the job may see other GPUs,
+    or the resumed one another set)."""
     numpy = np.random.get_state(legacy=False)
     return {"python": random.getstate(),
             "numpy": {"bit_generator": numpy["bit_generator"],
@@ -27,15 +29,27 @@ def capture() -> dict:
                       "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
                       "gauss": float(numpy["gauss"])},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def restore(state: dict) -> None:
+def restore(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_state(state.get("cuda"), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def cuda_state(saved, device: torch.device) -> torch.Tensor | None:
+    """The compute device's saved CUDA stream: the state itself, or from a file of before (one state per visible
+    GPU) the entry of this device's index, when there is one."""
+    if saved is None or device.type != "cuda":
+        return None
+    if isinstance(saved, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return saved[index] if index < len(saved) else None
+    return saved
 
 
 def numpy_state(saved):
@@ -47,8 +61,8 @@ def numpy_state(saved):
             "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]}
 
 
-def save(path: Path) -> None:
-    torch.save(capture(), path)
+def save(path: Path, device: torch.device) -> None:
+    torch.save(capture(device), path)
 
 
 def load(path: Path) -> dict:

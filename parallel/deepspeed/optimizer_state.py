@@ -120,8 +120,10 @@ def _link_zero_adam_state(engine) -> None:
     gradient on that step), and a fresh engine has none at all. Zero state is what AdamW starts from."""
     inner = engine.optimizer.optimizer
     for group in inner.param_groups:
+        # Where torch's AdamW keeps its step: on the parameter's device when fused or capturable, else on the host.
+        step_device = "cpu" if not (group.get("fused") or group.get("capturable")) else None
         for flat in group["params"]:
-            inner.state.setdefault(flat, {"step": torch.zeros((), dtype=torch.float32),
+            inner.state.setdefault(flat, {"step": torch.zeros((), dtype=torch.float32, device=step_device or flat.device),
                                           **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}})
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -130,4 +132,4 @@ def _link_zero_adam_state(engine) -> None:
 def _zero_adam_step(engine) -> torch.Tensor:
     """The Adam step count ZeRO's inner optimizer holds (the same for every flat partition)."""
     steps = [s["step"] for s in engine.optimizer.optimizer.state.values() if "step" in s]
-    return torch.as_tensor(steps[0]).detach().cpu().clone()
+    return torch.as_tensor(steps[0], device="cpu").detach().clone()
