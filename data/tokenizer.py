@@ -69,6 +69,7 @@ class SentencePieceTokenizer:
             raise UserError(f"{self.model_file} is not a SentencePiece model ({str(err).strip()[:120]}); "
                             f"point data.tokenizer_model at a .model file") from None
         self.vocab_size = int(self._sp.get_piece_size())
+        self.unk_id = int(self._sp.unk_id())
         self.dtype = ids_dtype(self.vocab_size)
         self.eod = None
         if with_eod:

@@ -1,4 +1,4 @@
-"""The `competesmoe` command: train, prepare, launch, tensorboard, eval, export, plan, and the commands registered
+"""The `competesmoe` command: train, prepare, launch, tensorboard, eval, generate, export, plan, and the commands registered
 under the `competesmoe.commands` entry points (the experiments: bench, repro, finetune). User errors print one line and
 exit 2."""
 
@@ -82,10 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
 
-    export = sub.add_parser("export", help="one consolidated safetensors file from a checkpoint (any EP layout)")
+    from competesmoe.launcher import generate
+
+    generate_parser = sub.add_parser("generate", help="continue a prompt with a trained model",
+                                     description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(generate_parser)
+
+    export = sub.add_parser("export", help="a checkpoint (any EP layout) as one consolidated safetensors file, or "
+                                           "as a Hugging Face model folder (--format hf)")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny-cpu/checkpoints/step00000500, a run's "
                                            "output_dir (its newest checkpoint) or an exported .safetensors model")
-    export.add_argument("out", help="output .safetensors file (must not exist)")
+    export.add_argument("out", help="output: a .safetensors file (must not exist), or with --format hf a folder "
+                                    "(new or empty)")
+    export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                        help="safetensors: our names, one file, loadable by eval/generate/finetune; hf: a Hugging "
+                             "Face folder that transformers loads as MixtralForCausalLM (needs pip install -e '.[hf]')")
 
     from competesmoe.launcher import plan
 
@@ -142,8 +153,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from competesmoe.launcher import evaluate
 
         return evaluate.main(args)
+    if args.command == "generate":
+        from competesmoe.launcher import generate
+
+        return generate.main(args)
     if args.command == "export":
-        return export_checkpoint(args.checkpoint, args.out)
+        return export_checkpoint(args.checkpoint, args.out, args.format)
     if args.command == "plan":
         from competesmoe.launcher import plan
 
@@ -162,9 +177,14 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_checkpoint(checkpoint_dir: str, out: str) -> int:
+def export_checkpoint(checkpoint_dir: str, out: str, fmt: str = "safetensors") -> int:
     from pathlib import Path
 
+    if fmt == "hf":
+        from competesmoe.launcher.hf_export import export_hf
+
+        print(f"wrote {export_hf(Path(checkpoint_dir), Path(out))}")
+        return 0
     from competesmoe.launcher.export import export_safetensors
 
     if Path(out).exists():

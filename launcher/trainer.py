@@ -21,6 +21,7 @@ from competesmoe.data.meta import load_meta
 from competesmoe.data.tokenizer import quality
 from competesmoe.launcher.config import Config
 from competesmoe.launcher.hardware import device_peak_tflops
+from competesmoe.launcher.init_from import apply_init_from
 from competesmoe.launcher.metrics import RoutingStats
 from competesmoe.moe.flops import training_flops_per_token
 from competesmoe.moe.model import TransformerLM
@@ -91,6 +92,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = TransformerLM(cfg.model, cfg.moe, vocab_size=self.meta["tokenizer"]["vocab_size"])
         self.num_moe_layers = len(model.moe_layers)
+        init_sampler_state = apply_init_from(cfg, model, self.meta["tokenizer"], groups.rank)  # model.init_from
         model = parallelize(model, groups, gather=cfg.moe.competition.gather,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         ds_config = deepspeed_config(cfg)
@@ -115,6 +117,8 @@ class Trainer:
                                     train_samples=t.max_steps * t.grad_accum * t.micro_batch_size * groups.dp_size,
                                     eval_samples=t.eval_batches * t.micro_batch_size * groups.dp_size)
         self.sampler = self.data.sampler
+        if init_sampler_state is not None:  # model.init_from_data: continue
+            self.sampler.load_state_dict(init_sampler_state)
         self.routing_stats = RoutingStats()
         self.nan_steps = injected_nan_steps()
         self.peak_tflops, self.peak_source = device_peak_tflops(cfg.train.peak_tflops, device, cfg.train.precision)

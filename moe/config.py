@@ -39,6 +39,18 @@ class ModelConfig:
     MoE twin."""
     dropout: float = 0.0
     """Dropout on attention and residual branches."""
+    init_from: str | None = None
+    """Start from another run's weights instead of a random initialisation: its output_dir, one of its checkpoint
+    folders or an exported .safetensors (read weights-only). A dense run (model.layout dense, dense_hidden =
+    moe.expert_hidden, the same activation) is upcycled: each MoE layer's experts start as copies of the dense FFN
+    of the same block (plus moe.upcycle_noise), the routers keep their fresh initialisation, every other tensor is
+    copied (moe/upcycle.py). Applied when the run starts, never when it resumes (its checkpoint has the weights).
+    null = random initialisation."""
+    init_from_data: Literal["restart", "continue"] = "restart"
+    """With init_from: 'restart' reads the training data from the beginning, as any new run; 'continue' carries on
+    from where the init_from run stopped (its checkpoint's sampler position; same data, seed and micro-batch as
+    that run), so that both runs together read the data one longer run would (e.g. a token budget split between
+    a dense model and its upcycled MoE)."""
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "seq_len", "dense_hidden"):
@@ -51,6 +63,9 @@ class ModelConfig:
         check(self.positions != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
               f"rotary positions need an even head size; model.d_model / model.n_heads = {self.d_model // self.n_heads}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout ({self.dropout}) must be within [0, 1)")
+        check(self.init_from != "", "model.init_from is empty: name a run, checkpoint or .safetensors, or null")
+        check(self.init_from_data == "restart" or self.init_from is not None,
+              "model.init_from_data: continue needs model.init_from (the run whose data position to continue)")
 
 
 @dataclass
@@ -208,6 +223,10 @@ class MoEConfig:
     """Weight of the router z-loss mean(logsumexp(g)^2)."""
     jitter: float = 0.0
     """Multiplicative uniform noise eps on router inputs in training (x * U(1-eps, 1+eps)); 0 disables."""
+    upcycle_noise: float = 0.0
+    """With model.init_from a dense run: standard deviation of the N(0, upcycle_noise^2) noise added to each
+    expert's copy of the dense FFN weights (drawn from train.seed), so that the experts differ from the first step;
+    0 = exact copies (the upcycled model then computes the dense model's loss at step 0)."""
     capacity_factor: float = 0.0
     """0 = dropless (default). Otherwise, within [1/K, E/K], each expert takes at most ceil(cf * T * K / E) tokens
     per rank; assignments past capacity (in token order) are dropped and contribute zero."""
@@ -234,6 +253,7 @@ class MoEConfig:
               f"tokens (tokens are dropped however evenly they are routed); above, every expert can take every token "
               f"(that is dropless: 0)")
         check(0 <= self.jitter < 1, f"moe.jitter ({self.jitter}) must be within [0, 1)")
+        check(self.upcycle_noise >= 0, f"moe.upcycle_noise ({self.upcycle_noise}) must not be negative")
         for name in ("balance_coef", "z_loss_coef"):
             check(getattr(self, name) >= 0, f"moe.{name} ({getattr(self, name)}) must not be negative")
         self.competition.validate()

@@ -1,7 +1,8 @@
 """A decoder-only Transformer LM whose FFNs are MoE layers ("switch"), alternate dense/MoE ("glam"),
 or are all dense ("dense"). It knows nothing of parallelism.
 
-Shape legend: B batch, S sequence, D d_model, H heads, Dh head size, V vocabulary.
+Shape legend: B batch, S sequence (the tokens of this call), P positions held in a KV cache (earlier ones and
+these), D d_model, H heads, Dh head size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -34,16 +35,55 @@ class ModelOutput:
         return self.lm_loss + self.aux_loss
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+ROTARY_BASE = 10000.0
+"""The rotary embeddings' base (theta): inverse frequencies base^(-2i / Dh)."""
+
+
+@dataclass
+class LayerCache:
+    """One block's keys and values of the positions seen so far (generation; training never uses one)."""
+
+    k_BHPDh: torch.Tensor | None = None
+    v_BHPDh: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BHPDh is None else self.k_BHPDh.shape[-2]
+
+    def append(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds this call's keys and values; returns those of every position so far."""
+        if self.k_BHPDh is not None:
+            k_BHSDh, v_BHSDh = torch.cat([self.k_BHPDh, k_BHSDh], dim=-2), torch.cat([self.v_BHPDh, v_BHSDh], dim=-2)
+        self.k_BHPDh, self.v_BHPDh = k_BHSDh, v_BHSDh
+        return k_BHSDh, v_BHSDh
+
+
+@dataclass
+class KVCache:
+    """Every block's LayerCache: a model called with one continues from the positions it holds."""
+
+    layers: list[LayerCache]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = ROTARY_BASE) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles_SH.cos(), angles_SH.sin()
 
 
-def apply_rotary(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rotates each head's halves (x1, x2) by the angles of positions start .. start + S - 1."""
     seq = x_BHSDh.shape[-2]
     x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
-    cos, sin = cos_SH[:seq], sin_SH[:seq]
+    cos, sin = cos_SH[start:start + seq], sin_SH[start:start + seq]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSDh.dtype)
 
 
@@ -60,14 +100,22 @@ class Attention(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """cache: the earlier positions' keys and values (generation); x_BSD then holds the positions after them."""
         batch, seq, d_model = x_BSD.shape
+        start = 0 if cache is None else cache.length
         qkv = self.qkv(x_BSD).view(batch, seq, 3, self.n_heads, d_model // self.n_heads)
         q_BHSDh, k_BHSDh, v_BHSDh = qkv.permute(2, 0, 3, 1, 4)
         if self.rotary:
-            q_BHSDh = apply_rotary(q_BHSDh, self.rotary_cos, self.rotary_sin)
-            k_BHSDh = apply_rotary(k_BHSDh, self.rotary_cos, self.rotary_sin)
-        out = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True,
+            q_BHSDh = apply_rotary(q_BHSDh, self.rotary_cos, self.rotary_sin, start)
+            k_BHSDh = apply_rotary(k_BHSDh, self.rotary_cos, self.rotary_sin, start)
+        mask_SP = None
+        if cache is not None:
+            k_BHSDh, v_BHSDh = cache.append(k_BHSDh, v_BHSDh)
+            if start > 0:  # is_causal aligns the mask top-left; these queries sit after `start` cached keys
+                positions = torch.arange(start + seq, device=x_BSD.device)
+                mask_SP = positions[None, :] <= positions[start:, None]
+        out = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, attn_mask=mask_SP, is_causal=mask_SP is None,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, d_model))
 
@@ -86,9 +134,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x_BSD: torch.Tensor, compete: bool,
-                ctx: RoutingContext | None = None) -> tuple[torch.Tensor, MoEAux | None]:
-        x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD)))
+    def forward(self, x_BSD: torch.Tensor, compete: bool, ctx: RoutingContext | None = None,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+        x_BSD = x_BSD + self.drop(self.attn(self.norm_attn(x_BSD), cache))
         h_BSD = self.norm_ffn(x_BSD)
         if self.is_moe:
             y_BSD, aux = self.ffn(h_BSD, compete=compete, ctx=ctx)
@@ -126,24 +174,29 @@ class TransformerLM(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def hidden(self, tokens_BS: torch.Tensor, compete_layers: frozenset[int] = frozenset(),
-               routing: RoutingContext | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
-        """The final normalised hidden states (before the LM head) and each MoE layer's aux."""
+               routing: RoutingContext | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The final normalised hidden states (before the LM head) and each MoE layer's aux.
+        cache: generation's keys and values (KVCache.empty to start); tokens_BS continue the positions it holds."""
         ctx = replace(routing if routing is not None else RoutingContext(), tokens_BS=tokens_BS)
         x_BSD = self.embed(tokens_BS)
         if self.pos_embed is not None:
-            x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
+            start = 0 if cache is None else cache.length
+            x_BSD = x_BSD + self.pos_embed(torch.arange(start, start + tokens_BS.shape[1], device=tokens_BS.device))
         moe_aux: list[MoEAux] = []
-        for block in self.blocks:
-            x_BSD, aux = block(x_BSD, compete=len(moe_aux) in compete_layers, ctx=ctx)
+        for i, block in enumerate(self.blocks):
+            x_BSD, aux = block(x_BSD, compete=len(moe_aux) in compete_layers, ctx=ctx,
+                               cache=None if cache is None else cache.layers[i])
             if aux is not None:
                 moe_aux.append(aux)
         return self.norm_out(x_BSD), moe_aux
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                compete_layers: frozenset[int] = frozenset(), routing: RoutingContext | None = None) -> ModelOutput:
+                compete_layers: frozenset[int] = frozenset(), routing: RoutingContext | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         """compete_layers: indices (among MoE layers, from 0) that run a competition step now.
-        routing: the step and overrides the routing policies may need (None: step 0, the policies' K)."""
-        h_BSD, moe_aux = self.hidden(tokens_BS, compete_layers, routing)
+        routing: the step and overrides the routing policies may need (None: step 0, the policies' K).
+        cache: generation's keys and values (see `hidden`); None in training."""
+        h_BSD, moe_aux = self.hidden(tokens_BS, compete_layers, routing, cache)
         logits_BSV = self.head(h_BSD)
         lm_loss = None
         if targets_BS is not None:

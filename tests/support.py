@@ -18,10 +18,19 @@ SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_l
 """A 2-layer model that competes often: for multi-rank runs that compare loss curves."""
 
 
-def competesmoe(*args, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`competesmoe ARGS...` in a fresh process, one thread per rank, output captured."""
+def competesmoe(*args, timeout=600, env=None, cwd=ROOT, text=True) -> subprocess.CompletedProcess:
+    """`competesmoe ARGS...` in a fresh process, one thread per rank, output captured (as bytes: text=False)."""
     return subprocess.run([sys.executable, "-m", "competesmoe.launcher.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          text=text, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused command printed (exit 2, no traceback)."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
 
 
 def records(run_dir: Path, split: str) -> list[dict]:

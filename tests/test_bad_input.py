@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch.distributed
 
-from support import ROOT, TINY, competesmoe
+from support import ROOT, TINY, competesmoe, one_error_line
 
 pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
 
@@ -226,13 +226,6 @@ def test_bad_input(case: Case, tmp_path, finished_run):
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     assert not (tmp_path / PAYLOAD_MARKER).exists()  # no code from a checkpoint ran
 
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return errors[0]
 
 
 def test_resume_auto_skips_every_damaged_checkpoint_and_falls_back(tmp_path, finished_run):

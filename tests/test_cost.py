@@ -91,8 +91,8 @@ class BalancedRouter(nn.Module):
         super().__init__()
         self.inner, self.num_experts = inner, num_experts
 
-    def probs(self, x_TD):
-        return self.inner.probs(x_TD)
+    def logits(self, x_TD, jitter=0.0):
+        return self.inner.logits(x_TD, jitter)
 
     def forward(self, x_TD, ctx, default_k, training):
         decision = self.inner(x_TD, ctx, default_k, training)

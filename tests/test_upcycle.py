@@ -1,6 +1,10 @@
 """Dense-to-MoE upcycling (moe/upcycle.py): the upcycled model computes the dense model's loss at step 0, on router
 steps and competition steps alike; the router is fresh, the noise is per expert and reproducible, and a dense model
-of another shape is refused with a message naming the fields."""
+of another shape is refused with a message naming the fields. Through the real launcher (model.init_from, slow): at
+2 ranks and EP 2 an upcycled run's first loss is the dense run's on the same batch and it trains on from there, a
+resumed run restores its own checkpoint without upcycling again, and bad settings are one line."""
+
+import shutil
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from competesmoe.common.errors import UserError
 from competesmoe.moe.config import CompetitionConfig, ModelConfig, MoEConfig
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.upcycle import upcycle
+from support import FAST, SMALL, TINY, competesmoe, records
 
 V, F = 40, 32
 
@@ -103,3 +108,85 @@ def test_a_dense_model_of_another_shape_or_layout_is_refused():
         upcycle(dense.state_dict(), other)
     with pytest.raises(UserError, match="model.layout: dense"):
         upcycle(moe.state_dict(), other)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# model.init_from through the real launcher: 2 ranks, EP 2.
+
+UPCYCLE_SMALL = [o for o in SMALL if not o.startswith(("moe.competition.rate", "train.max_steps"))]
+DENSE_STEPS = 6
+
+
+def launch(run_dir, *overrides: str, ranks: int = 2):
+    result = competesmoe("launch", "--nproc", str(ranks), "--launcher", "torchrun", TINY, f"output_dir={run_dir}",
+                         *UPCYCLE_SMALL, *overrides, timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result
+
+
+def last_losses(run_dir) -> dict[int, float]:
+    """Train loss per step; a resumed run's records of a step replace the earlier ones."""
+    return {r["step"]: r["loss"] for r in records(run_dir, "train")}
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A dense run of one expert's width on 2 ranks: a checkpoint after DENSE_STEPS steps, then one step more."""
+    run = tmp_path_factory.mktemp("dense") / "run"
+    launch(run, "model.layout=dense", "model.dense_hidden=128", f"train.max_steps={DENSE_STEPS + 1}",
+           f"train.checkpoint_every={DENSE_STEPS}", "train.keep_checkpoints=2")
+    return run
+
+
+@pytest.mark.slow
+def test_upcycled_run_at_ep2_starts_at_the_dense_loss_and_trains_on(dense_run, tmp_path):
+    source = dense_run / "checkpoints" / f"step{DENSE_STEPS:08d}"
+    run = tmp_path / "moe"
+    result = launch(run, f"model.init_from={source}", "model.init_from_data=continue", "parallel.expert_parallel_size=2",
+                    "moe.competition.rate=1.0", "moe.competition.warmup=0.0", "train.max_steps=30")
+    assert f"initialised from {source}: upcycled into 2 MoE layers" in result.stdout
+    losses = last_losses(run)
+    # Step 1 reads the batch the dense run read after its checkpoint, with the dense weights: the same loss, on a
+    # step where both MoE layers compete (identical experts tie, and the winners' weights sum to one).
+    assert records(run, "train")[0]["competing_layers"] == [0, 1]
+    assert losses[1] == pytest.approx(last_losses(dense_run)[DENSE_STEPS + 1], abs=1e-5)
+    late = sum(losses[s] for s in range(26, 31)) / 5
+    assert late < losses[1] - 0.1, (losses[1], late)
+
+
+@pytest.mark.slow
+def test_a_resumed_upcycled_run_does_not_upcycle_again(dense_run, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(dense_run, source)
+    run = tmp_path / "moe"
+    settings = [f"model.init_from={source}", "parallel.expert_parallel_size=2", "moe.upcycle_noise=0.01",
+                "moe.competition.rate=0.3", "train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=2"]
+    launch(run, *settings)
+    first = last_losses(run)
+    shutil.rmtree(run / "checkpoints" / "step00000008")
+    shutil.rmtree(source)  # a resume needs only its own checkpoint
+    again = launch(run, *settings, "resume=auto")
+    assert "initialised from" not in again.stdout and "resumed from" in again.stdout
+    resumed = last_losses(run)
+    assert [resumed[s] for s in range(5, 9)] == pytest.approx([first[s] for s in range(5, 9)], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.init_from=/nonexistent/run"], "model.init_from: checkpoint /nonexistent/run does not exist"),
+    (["model.init_from_data=continue"], "model.init_from_data: continue needs model.init_from"),
+    (["moe.upcycle_noise=-1"], "moe.upcycle_noise (-1"),
+])
+def test_bad_init_from_is_one_line(tmp_path, overrides, needle):
+    result = competesmoe("train", TINY, f"output_dir={tmp_path / 'run'}", *FAST, *overrides, timeout=900)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_an_moe_run_is_not_upcycled(dense_run, tmp_path):
+    moe_run = tmp_path / "moe"
+    launch(moe_run, "train.max_steps=2", ranks=1)
+    result = competesmoe("train", TINY, f"output_dir={tmp_path / 'again'}", *UPCYCLE_SMALL,
+                         f"model.init_from={moe_run}", "train.max_steps=2", timeout=900)
+    assert result.returncode == 2 and "upcycle from a run with model.layout: dense" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -27,11 +27,13 @@ PROB_BINS = 40
 
 
 def analyse(run: Run, wall_s: float) -> dict:
-    """Read the run's metrics, analyse its checkpoint, write result.json."""
+    """Read the run's metrics, analyse its checkpoint, write result.json. An upcycled method's result covers both
+    of its phases (its dense phase's result.json is read): steps, tokens, times and the validation curve."""
     start = time.perf_counter()
     records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     valid = [r for r in records if r["split"] == "valid"]
     test = [r for r in records if r["split"] == "test"]
+    train = [r for r in records if r["split"] == "train"]
     loaded = load_run(run.run_dir)
     cfg = loaded.cfg
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
@@ -45,16 +47,62 @@ def analyse(run: Run, wall_s: float) -> dict:
         "tokens_per_step": tokens_per_step, "num_experts": E, "top_k": cfg.moe.top_k,
         "valid": [[r["step"], r["bpc"]] for r in valid],
         "valid_bpc": valid[-1]["bpc"], "test_bpc": test[-1]["bpc"],
-        **_step_times([r for r in records if r["split"] == "train"], tokens_per_step),
+        **_step_times(train, tokens_per_step),
+        "train_s": sum(tokens_per_step / r["tokens_per_s"] for r in train),
+        "diagnostics": diagnostics(train, cfg.train.max_steps),
         "k_sweep": {str(k): v / math.log(2) for k, v in sweep.items()},
         "layers": routing_analysis(loaded, batches),
         "params": parameter_counts(loaded),
     }
+    if run.needs is not None:
+        result = _after_first_phase(result, json.loads((run.needs.run_dir / RESULT).read_text()))
+    result["tokens"] = result["steps"] * tokens_per_step
     result["analysis_s"] = time.perf_counter() - start
     tmp = run.run_dir / (RESULT + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, run.run_dir / RESULT)
     return result
+
+
+def _after_first_phase(result: dict, first: dict) -> dict:
+    """A second phase's result as the whole method's: the first phase's steps, times and validation curve
+    before its own (its steps shifted by the first phase's)."""
+    offset = first["steps"]
+    return {**result, "steps": offset + result["steps"], "train_s": result["train_s"] + first["train_s"],
+            "wall_s": result["wall_s"] + first["wall_s"] + first["analysis_s"],
+            "valid": first["valid"] + [[step + offset, bpc] for step, bpc in result["valid"]],
+            "first_phase": {key: first[key] for key in ("steps", "wall_s", "train_s", "valid_bpc", "test_bpc")}}
+
+
+DIAGNOSTICS = ("competition_entropy_ratio", "router_competition_overlap_vs_chance", "expert_output_rms",
+               "router_loss_to_lm", "diversity_loss_to_lm", "competition_balance_loss_to_lm", "aux_loss_to_lm")
+"""The per-layer figures of competition steps (docs/competesmoe.md section 7) that the report averages."""
+WINDOWS = {"early": (0.0, 0.25), "late": (0.5, 1.0)}
+"""Parts of a run (fractions of its steps) over which the diagnostics are averaged."""
+
+
+def diagnostics(train: list[dict], max_steps: int) -> dict:
+    """Per window of WINDOWS: the mean over every (step, MoE layer) that competed of each DIAGNOSTICS figure, and
+    the mean `aux_loss_to_lm` of the router steps ('router_aux_loss_to_lm'), over all layers and per layer
+    ('layers'); a figure no record has is left out."""
+    out = {}
+    for name, (lo, hi) in WINDOWS.items():
+        window = [r["moe"] for r in train if lo * max_steps < r["step"] <= hi * max_steps and r.get("moe")]
+        per_layer = [_layer_means([layers[i] for layers in window]) for i in range(len(window[0]))] if window else []
+        out[name] = {**_layer_means([layer for layers in window for layer in layers]), "layers": per_layer}
+    return out
+
+
+def _layer_means(records: list[dict]) -> dict:
+    """DIAGNOSTICS over the competing layer records, aux_loss_to_lm over the others, and the competing count."""
+    competed = [layer for layer in records if layer.get("competed", 0) > 0]
+    means = {key: statistics.fmean(values) for key in DIAGNOSTICS
+             if (values := [layer[key] for layer in competed if key in layer])}
+    router = [layer["aux_loss_to_lm"] for layer in records if not layer.get("competed") and "aux_loss_to_lm" in layer]
+    if router:
+        means["router_aux_loss_to_lm"] = statistics.fmean(router)
+    means["competition_layer_steps"] = len(competed)
+    return means
 
 
 def _step_times(train: list[dict], tokens_per_step: int) -> dict:
@@ -67,7 +115,7 @@ def _step_times(train: list[dict], tokens_per_step: int) -> dict:
     return {"tokens_per_s_median": _median([r["tokens_per_s"] for r in timed]),
             "step_s_median": _median(step_s), "step_s_competition_median": _median(comp_s),
             "step_s_typical": _typical_step(comp_s, router_s),
-            "step_s_router_median": _median(router_s), "competition_steps": len(comp_s)}
+            "step_s_router_median": _median(router_s), "competition_steps": len(comp_s), "timed_steps": len(timed)}
 
 
 def _median(values: list[float]) -> float | None:

@@ -1,24 +1,32 @@
 """`competesmoe repro`: the papers' comparison in one command: a grid of (method x seed) byte-level
-runs on the bundled Wikipedia corpus, then results.md and the figures.
+runs on the bundled Wikipedia corpus (or any text file, --data), then results.md and the figures.
 
     competesmoe repro --quick                        # every method, 3 seeds, tiny models (~15 min, 2 cores)
     competesmoe repro                                # the default grid: every method, 3 seeds, budget 'small'
+    competesmoe repro --budget compare --jobs 2      # issue 12's comparison: 10x the tokens, paired statistics
+    competesmoe repro --budget compare --data my_corpus.txt --runs-dir runs/mine
     competesmoe repro --budget medium --seeds 1 2 3 --methods gshard competesmoe
     competesmoe repro --quick --ablation rate        # CompeteSMoE at competition rates 0.01 .. 0.5
     competesmoe repro --quick --vary moe.competition.cap=1,2 --methods competesmoe
 
-Methods (same model, same data, same seeds; only the routing differs, see moe/baselines.py):
-switch (SMoE top-1), gshard (SMoE top-2), xmoe, stablemoe, smoe-dropout, dense (a dense FFN of
-width top_k * expert_hidden: the active parameters of top_k experts) and competesmoe.
+Methods (same model, same data, same seeds, same tokens; only the routing differs, see moe/baselines.py and
+moe/presets.py): switch (SMoE top-1), gshard (SMoE top-2), xmoe, xmoe-v1 and xmoe-v2 (XMoE with the v1 paper's
+and the v2 code's settings), stablemoe, smoe-dropout, dense (a dense FFN of width top_k * expert_hidden: the
+active parameters of top_k experts), competesmoe (this project's defaults with the budget's rate), competesmoe-v2
+(the official v2 coefficients), competesmoe-v1 (the v1 regime: a competition on every forward) and
+competesmoe-upcycled (a dense model for a quarter of the steps, upcycled into competesmoe-v2 for the rest).
+Budgets quick, small and medium run the first seven; budget compare runs gshard, the XMoEs and the CompeteSMoEs.
 
 Each run is `competesmoe train` in a child process (one rank, `--threads` threads) into
 `<runs-dir>/<method>[@variant]/seed<S>/`, with its log in `train.log`. When it has finished, the
 checkpoint is analysed in this process (experiments/repro/analysis.py): test BPC with K = 1, 2, 4, ...
-experts at evaluation, the per-token router entropy and top-1 probability per layer, and the similarity
-of the experts' outputs; all of it goes to `result.json`. A run with a `result.json` made from the same
-settings is not run again (the grid resumes); an unfinished one is started over. Then
-`<out>/results.md` and four PNGs are written from every finished run of the grid. Both folders default
-to the working directory: runs/repro/<budget> and results/repro/<budget>[-<ablation>|-vary].
+experts at evaluation, the per-token router entropy and top-1 probability per layer, the similarity
+of the experts' outputs and the competition's diagnostics from metrics.jsonl; all of it goes to `result.json`.
+A run with a `result.json` made from the same settings is not run again (the grid resumes); an unfinished one
+is started over. Then `<out>/results.md` (with each method's per-seed differences against GShard and their 95%
+t intervals) and four PNGs are written from every finished run of the grid; `--report-only` writes them from the
+runs finished so far. Both folders default to the working directory: runs/repro/<budget> and
+results/repro/<budget>[-<ablation>|-vary].
 """
 
 from __future__ import annotations
@@ -45,7 +53,11 @@ def add_arguments(parser) -> None:
                         help="budget 'quick': every method x 3 seeds, tiny models, 300 steps (~15 min on 2 cores)")
     parser.add_argument("--budget", choices=list(BUDGETS), default="small",
                         help="model and steps per run: quick (d64, 2 layers, 300 steps), small (default: the "
-                             "tiny-cpu model, 500 steps), medium (2000 steps, batch 16)")
+                             "tiny-cpu model, 500 steps), medium (2000 steps, batch 16), compare (2 layers of the "
+                             "tiny-cpu shape, 2560 steps x 16 x 128 = 5.2 M tokens, 3 to 5 seeds)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="train and evaluate on this text file (split 90/5/5 by bytes, byte level) instead of "
+                             "the bundled Wikipedia fragment; keep a --runs-dir per corpus")
     parser.add_argument("--methods", nargs="+", metavar="METHOD", help=f"subset of: {' '.join(METHODS)}")
     parser.add_argument("--seeds", nargs="+", type=integer(0, SEED_LIMIT - 1), metavar="SEED",
                         help="train.seed values (default: the budget's)")

@@ -12,19 +12,45 @@ from pathlib import Path
 
 from competesmoe.common.errors import UserError
 from competesmoe.launcher.config import Config, load_config
+from competesmoe.moe.presets import preset_overrides
 
 BASE_CONFIG = Path(str(files("competesmoe.configs") / "tiny-cpu.yaml"))
 RESULT = "result.json"
 
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "switch": ("SMoE top-1 (Switch)", ["moe.router=smoe", "moe.top_k=1", "moe.baseline.smoe_raw_gates=true"]),
-    "gshard": ("SMoE top-2 (GShard)", ["moe.router=smoe"]),
-    "xmoe": ("XMoE", ["moe.router=xmoe"]),
-    "stablemoe": ("StableMoE", ["moe.router=stablemoe"]),
-    "smoe-dropout": ("SMoE-Dropout", ["moe.router=smoe_dropout"]),
-    "dense": ("Dense FFN (same active params)", []),
-    "competesmoe": ("CompeteSMoE", ["moe.router=competesmoe"]),
+@dataclass(frozen=True)
+class Method:
+    label: str
+    """How the report names it."""
+    overrides: tuple[str, ...] = ()
+    """Its `moe.*` settings on the budget's model."""
+    preset: str | None = None
+    """A paper's settings from moe/presets.py, applied after `overrides`."""
+    upcycled: bool = False
+    """Trained in two phases that share the run's token budget: a dense model of one expert's width for the
+    budget's upcycle_share of the steps, then this MoE upcycled from it (experts = copies of the dense FFN plus
+    UPCYCLE_NOISE, fresh routers) for the rest, continuing the same data stream."""
+
+
+METHODS: dict[str, Method] = {
+    "switch": Method("SMoE top-1 (Switch)", ("moe.router=smoe", "moe.top_k=1", "moe.baseline.smoe_raw_gates=true")),
+    "gshard": Method("SMoE top-2 (GShard)", ("moe.router=smoe",)),
+    "xmoe": Method("XMoE", ("moe.router=xmoe",)),
+    "xmoe-v1": Method("XMoE (v1 paper's settings)", preset="xmoe-v1"),
+    "xmoe-v2": Method("XMoE (v2 code's settings)", preset="xmoe-v2"),
+    "stablemoe": Method("StableMoE", ("moe.router=stablemoe",)),
+    "smoe-dropout": Method("SMoE-Dropout", ("moe.router=smoe_dropout",)),
+    "dense": Method("Dense FFN (same active params)"),
+    "competesmoe": Method("CompeteSMoE", ("moe.router=competesmoe",)),
+    "competesmoe-v2": Method("CompeteSMoE v2 (official coefficients)", preset="competesmoe-v2"),
+    "competesmoe-v1": Method("CompeteSMoE v1 regime", preset="competesmoe-v1"),
+    "competesmoe-upcycled": Method("CompeteSMoE v2 upcycled from dense", preset="competesmoe-v2", upcycled=True),
 }
+DEFAULT_METHODS = ["switch", "gshard", "xmoe", "stablemoe", "smoe-dropout", "dense", "competesmoe"]
+"""The grid of budgets quick, small and medium (the papers' table); budget 'compare' names its own."""
+UPCYCLE_NOISE = 0.005
+"""moe.upcycle_noise of the upcycled method: 6% (w_in) and 8% (w_out) of the initial weights' spread at the
+compare budget's shape (N(0, 1/128), N(0, 1/256)): the experts differ from the start (a competition among identical
+experts is a tie) while the upcycled model stays close to the dense one."""
 
 _COMMON = ["train.log_every=1", "train.checkpoint_every=0", "train.keep_checkpoints=1", "resume=none",
            "data.tokenizer=byte", "data.path=null", "model.layout=switch", "moe.competition.rate=0.1",
@@ -45,6 +71,19 @@ BUDGETS: dict[str, dict] = {
                                        "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=256",
                                        "train.max_steps=2000", "train.micro_batch_size=16", "train.lr=0.002",
                                        "train.warmup_steps=50", "train.eval_every=200", "train.eval_batches=32"]},
+    # Issue 12: at least 10x the 'small' budget's tokens per run (2560 x 16 x 128 = 5.24 M against 0.51 M), every
+    # method on the same data, model and budget; 5 seeds for the reference and the two strongest candidates.
+    # Two MoE blocks of the tiny-cpu model's shape (d_model 128, 8 experts of width 256): half its depth halves
+    # the cost of a token, which buys the tokens and seeds on 2 shared cores; README 'Results' says why.
+    "compare": {"seeds": [1, 2, 3], "more_seeds": {m: [4, 5] for m in ("gshard", "xmoe", "competesmoe-v2")},
+                "methods": ["gshard", "xmoe", "xmoe-v1", "xmoe-v2", "competesmoe-v2", "competesmoe-v1",
+                            "competesmoe-upcycled"],
+                "upcycle_share": 0.25,
+                "overrides": _COMMON + ["model.d_model=128", "model.n_layers=2", "model.n_heads=4",
+                                        "model.seq_len=128", "moe.num_experts=8", "moe.top_k=2",
+                                        "moe.expert_hidden=256", "train.max_steps=2560", "train.micro_batch_size=16",
+                                        "train.lr=0.002", "train.warmup_steps=50", "train.eval_every=320",
+                                        "train.eval_batches=32"]},
 }
 
 # Ablations the reviewers asked for: (default methods, list of (label, overrides)).
@@ -67,7 +106,24 @@ def method_overrides(method: str, cfg: Config) -> list[str]:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "dense":
         return ["model.layout=dense", f"model.dense_hidden={cfg.moe.top_k * cfg.moe.expert_hidden}"]
-    return list(METHODS[method][1])
+    spec = METHODS[method]
+    return list(spec.overrides) + (preset_overrides(spec.preset, cfg.moe.num_experts) if spec.preset else [])
+
+
+def dense_phase_overrides(cfg: Config, steps: int) -> list[str]:
+    """An upcycled method's first phase: the dense model whose FFN (one expert's width and activation) its experts
+    copy, trained for `steps`."""
+    return ["model.layout=dense", f"model.dense_hidden={cfg.moe.expert_hidden}", f"train.max_steps={steps}"]
+
+
+def upcycle_overrides(dense_dir: Path, steps: int) -> list[str]:
+    """An upcycled method's second phase: starts from the dense phase's weights and data position."""
+    return [f"model.init_from={dense_dir}", "model.init_from_data=continue", f"moe.upcycle_noise={UPCYCLE_NOISE}",
+            f"train.max_steps={steps}"]
+
+
+LOCAL = ("output_dir=", "data.prepared_dir=", "model.init_from=")
+"""Overrides that name where a run is, not what it computes: left out of fingerprints and listings."""
 
 
 @dataclass
@@ -78,14 +134,21 @@ class Run:
     overrides: list[str]
     run_dir: Path
     max_steps: int
+    needs: Run | None = None
+    """The run whose checkpoint this one starts from (an upcycled method's dense phase); it runs first."""
+    phase: str = ""
+    """'dense' for an upcycled method's first phase (not a result of its own), else ''."""
 
     @property
     def name(self) -> str:
-        return f"{self.method}{'@' + self.variant if self.variant else ''} seed {self.seed}"
+        variant = f"@{self.variant}" if self.variant else ""
+        phase = f" ({self.phase} phase)" if self.phase else ""
+        return f"{self.method}{variant}{phase} seed {self.seed}"
 
     @property
     def fingerprint(self) -> str:
-        text = json.dumps([o for o in self.overrides if not o.startswith(("output_dir=", "data.prepared_dir="))])
+        text = json.dumps([o for o in self.overrides if not o.startswith(LOCAL)]
+                          + ([self.needs.fingerprint] if self.needs else []))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def finished(self) -> bool:
@@ -109,6 +172,13 @@ class Grid:
     threads: int
     common: list[str] = field(default_factory=list)
     """The budget's overrides shared by every run (before variants and methods)."""
+    command: str = ""
+    """The `competesmoe repro` options that name this grid (budget, data), for the report."""
+
+    @property
+    def results(self) -> list[Run]:
+        """The runs that are results of their own (not an upcycled method's dense phase)."""
+        return [r for r in self.runs if not r.phase]
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -136,29 +206,63 @@ def build_grid(args) -> Grid:
     out_dir = Path(args.out or Path("results") / "repro" / tag).resolve()
     data_dir = runs_dir / "data"
     base = Path(args.config).resolve() if args.config else BASE_CONFIG
-    extra = list(args.set or [])
+    data = [f"data.path={data_file(args.data)}"] if args.data else []
+    extra = data + list(args.set or [])
     steps = [f"train.max_steps={args.steps}"] if args.steps else []
     runs = []
-    for seed in args.seeds or spec["seeds"]:
+    for seed in sorted({s for m in methods for s in _seeds(args, spec, m)}):
         for label, variant in variants:
-            for method in methods:
+            for method in (m for m in methods if seed in _seeds(args, spec, m)):
                 common = spec["overrides"] + steps + variant + extra
                 cfg = load_config(base, common)
                 if cfg.data.tokenizer != "byte":
                     raise UserError("repro reports bits per character: keep data.tokenizer=byte")
                 run_dir = runs_dir / (method + (f"@{label}" if label else "")) / f"seed{seed}"
-                overrides = (common + method_overrides(method, cfg) + [f"train.seed={seed}",
-                             f"data.prepared_dir={data_dir}", f"output_dir={run_dir}"])
-                cfg = load_config(base, overrides)  # every run's settings are valid before anything starts
-                runs.append(Run(method, label, seed, overrides, run_dir, cfg.train.max_steps))
+                where = [f"train.seed={seed}", f"data.prepared_dir={data_dir}"]
+                needs = None
+                overrides = common + method_overrides(method, cfg)
+                if METHODS[method].upcycled:
+                    dense_steps = max(1, round(cfg.train.max_steps * spec.get("upcycle_share", 0.25)))
+                    if dense_steps >= cfg.train.max_steps:
+                        raise UserError(f"{method} needs at least 2 steps (a dense phase, then the MoE); raise --steps")
+                    dense_dir = run_dir.with_name(f"seed{seed}-dense")
+                    needs = _run(base, method, label, seed, common + dense_phase_overrides(cfg, dense_steps) + where,
+                                 dense_dir, phase="dense")
+                    runs.append(needs)
+                    overrides += upcycle_overrides(dense_dir, cfg.train.max_steps - dense_steps)
+                runs.append(_run(base, method, label, seed, overrides + where, run_dir, needs=needs))
+    command = f"competesmoe repro {'--quick' if args.quick else '--budget ' + budget}" + \
+        (f" --data {args.data}" if args.data else "")
     return Grid(budget, runs, runs_dir, out_dir, base, data_dir, args.threads,
-                common=spec["overrides"] + steps + extra)
+                common=spec["overrides"] + steps + extra, command=command)
+
+
+def _run(base: Path, method: str, label: str, seed: int, overrides: list[str], run_dir: Path, **kw) -> Run:
+    """A run of the grid, its settings validated now (so every run is valid before anything starts)."""
+    overrides = overrides + [f"output_dir={run_dir}"]
+    cfg = load_config(base, overrides)
+    return Run(method, label, seed, overrides, run_dir, cfg.train.max_steps, **kw)
+
+
+def _seeds(args, spec: dict, method: str) -> list[int]:
+    """--seeds, else the budget's seeds and its extra seeds for `method`."""
+    return args.seeds or spec["seeds"] + spec.get("more_seeds", {}).get(method, [])
+
+
+def data_file(path: str) -> Path:
+    """--data: a readable text file (the checks of data.path), as an absolute path."""
+    from competesmoe.data.prepare import resolve_corpus
+
+    try:
+        return resolve_corpus(str(Path(path).resolve())).resolve()
+    except UserError as err:
+        raise UserError(f"--data {path}: {str(err).removeprefix('data.path: ')}") from None
 
 
 def _methods_and_variants(args, budget: str) -> tuple[list[str], list[tuple[str, list[str]]], str]:
     """The methods, the variants as (label, overrides) and the report's tag of --ablation / --vary / --methods."""
     variants: list[tuple[str, list[str]]] = [("", [])]
-    default_methods = list(METHODS)
+    default_methods = BUDGETS[budget].get("methods", DEFAULT_METHODS)
     tag = budget
     if args.ablation:
         default_methods, variants = ABLATIONS[args.ablation]
@@ -184,4 +288,4 @@ def shown(path: Path) -> str:
 def label(key: tuple[str, str]) -> str:
     """A (method, variant) as the report names it."""
     method, variant = key
-    return METHODS[method][0] + (f" [{variant}]" if variant else "")
+    return METHODS[method].label + (f" [{variant}]" if variant else "")

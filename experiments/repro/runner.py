@@ -35,11 +35,16 @@ def run_grid(grid: Grid, jobs: int, progress: bool = True) -> None:
     prepare(load_config(grid.base_config, todo[0].overrides).data, grid.data_dir, progress=False)
     bar = tqdm(total=sum(r.max_steps for r in todo), unit="step", disable=not progress, dynamic_ncols=True,
                desc="grid")
-    queue, running, failures = list(todo), [], []
+    queue, running, failures = list(todo), [], {}
     try:
         while queue or running:
-            while queue and len(running) < jobs:
-                running.append(_Child(queue.pop(0), grid))
+            for run in [r for r in queue if r.needs is not None and r.needs.name in failures]:
+                queue.remove(run)  # its first phase failed: nothing to start from
+                bar.update(run.max_steps)
+                failures[run.name] = f"{run.name}: not started, {run.needs.name} failed"
+            while len(running) < jobs and (run := _next_ready(queue)) is not None:
+                queue.remove(run)
+                running.append(_Child(run, grid))
             time.sleep(0.5)
             for child in list(running):
                 bar.update(child.poll_steps())
@@ -48,7 +53,7 @@ def run_grid(grid: Grid, jobs: int, progress: bool = True) -> None:
                 running.remove(child)
                 failure = _finish(child, bar, f"[{finished + 1}/{len(grid.runs)}]")
                 if failure:
-                    failures.append(failure)
+                    failures[child.run.name] = failure
                 else:
                     finished += 1
             names = ", ".join(c.run.name for c in running)
@@ -61,7 +66,12 @@ def run_grid(grid: Grid, jobs: int, progress: bool = True) -> None:
         bar.close()
     if failures:
         raise UserError(f"{len(failures)} run(s) failed; the others are kept and a re-run resumes the grid: "
-                        + "; ".join(failures))
+                        + "; ".join(failures.values()))
+
+
+def _next_ready(queue: list[Run]) -> Run | None:
+    """The first queued run whose first phase (if any) has finished."""
+    return next((r for r in queue if r.needs is None or r.needs.finished()), None)
 
 
 class _Child:
@@ -101,10 +111,12 @@ def _finish(child: _Child, bar, position: str) -> str | None:
     if child.proc.returncode != 0:
         tail = (run.run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
         bar.write(f"FAILED {run.name} (see {run.run_dir / 'train.log'})")
+        sys.stdout.flush()
         return f"{run.name}: exit {child.proc.returncode}: {' | '.join(tail)}"
     result = analyse(run, wall)
     bar.write(f"{position} {run.name}: valid {result['valid_bpc']:.4f} test {result['test_bpc']:.4f} BPC, "
               f"{wall:.0f} s train + {result['analysis_s']:.0f} s analysis")
+    sys.stdout.flush()  # a grid left running under nohup shows its progress in its log
     return None
 
 

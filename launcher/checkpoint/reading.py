@@ -1,4 +1,4 @@
-"""The read side, for eval, export and finetune: a checkpoint of any layout, or an exported .safetensors
+"""The read side, for eval, generate, export and finetune: a checkpoint of any layout, or an exported .safetensors
 model, as one consolidated model in this process. A checkpoint is verified first (manifest, run state,
 weights-only loads); run_state.json is the one source of its config and tokenizer."""
 
@@ -11,6 +11,7 @@ import torch
 
 from competesmoe.common.errors import UserError
 from competesmoe.data.meta import read_meta
+from competesmoe.data.tokenizer import ByteTokenizer, load_tokenizer
 from competesmoe.launcher.checkpoint.layout import CHECKPOINTS, MANIFEST, MODEL_FILE, Checkpoint, CheckpointError
 from competesmoe.launcher.checkpoint.verify import find_resumable, parse_run_state, verify
 from competesmoe.moe.model import TransformerLM
@@ -90,6 +91,14 @@ def prepared_data(saved: Checkpoint) -> Path:
                         f"with {saved.tokenizer}; prepare the run's data again (competesmoe prepare CONFIG)")
     raise UserError(f"the run's prepared data (its tokenizer) is in none of {', '.join(map(str, candidates))}; "
                     f"prepare it again with `competesmoe prepare` and the run's config")
+
+
+def run_tokenizer(saved: Checkpoint):
+    """The tokenizer the checkpoint was trained with: a byte tokenizer from its run state alone, a SentencePiece
+    one from the run's prepared data (its model file, checked against the run state)."""
+    if saved.tokenizer["kind"] == "byte":
+        return ByteTokenizer(with_eod="eod" in saved.tokenizer)
+    return load_tokenizer(prepared_data(saved))
 
 
 def write_safetensors(saved: Checkpoint, state: dict[str, torch.Tensor], out: Path) -> None:
