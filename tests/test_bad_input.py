@@ -498,3 +498,50 @@ def test_refused_by_class(name, tmp_path):
 
 def test_at_least_forty_cases_by_class():
     assert len(BY_CLASS) >= 40
+
+
+# ------------------------------------------------------------------------------ the same, end to end (subprocesses)
+
+
+def test_refused_end_to_end_without_a_traceback(tmp_path):
+    """A handful of the classes above through a real process: an option, a YAML mistake, a size."""
+    user = user_folder(tmp_path)
+    before = snapshot(user)
+    for args, needle in ((["plan", str(user / "config.yaml"), "--gpus", "8", "--mfu", "nan"], "--mfu"),
+                         (["train", str(user / "config.yaml"), "train.seed=-1"], "train.seed (-1)"),
+                         (["train", str(user / "config.yaml"), f"output_dir={tmp_path / 'out'}",
+                           "moe.num_experts=100000"], "GiB")):
+        line = one_error_line(competesmoe(*args, timeout=300))
+        assert needle in line, line
+    assert snapshot(user) == before
+
+
+def test_a_second_run_on_a_locked_output_dir_names_the_holder(tmp_path):
+    """A live `train` holds output_dir: a second one stops at once naming its pid and host, and writes nothing."""
+    user = user_folder(tmp_path)
+    locked_by_a_live_run(user)
+    try:
+        line = one_error_line(competesmoe("train", str(user / "config.yaml"), f"output_dir={tmp_path / 'out'}",
+                                          timeout=300))
+    finally:
+        LIVE_LOCKS.pop().close()
+    assert "in use by another run (pid 4242 on host elsewhere" in line, line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_FILE]
+
+
+def test_a_split_shorter_than_a_window_is_refused_before_the_first_step(tmp_path):
+    """valid and test hold fewer tokens than one window: refused before training (no metrics, no checkpoint), and
+    the folder takes the corrected rerun's checks (nothing left behind blocks it)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(b"line %d of a short corpus\n" % i for i in range(1600)))  # ~40 KB: valid ~2 KB
+    out = tmp_path / "out"
+    args = ["train", TINY, f"output_dir={out}", f"data.path={corpus}", f"data.prepared_dir={tmp_path / 'data'}",
+            "train.micro_batch_size=1", "model.seq_len=4096", "model.positions=rotary"]
+    line = one_error_line(competesmoe(*args, timeout=300))
+    assert "the valid split" in line and "model.seq_len" in line, line
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    from competesmoe.launcher.config import load_config
+    from competesmoe.launcher.run_dir import RunDir
+
+    with RunDir(load_config(TINY, [f"output_dir={out}"]), out):  # the rerun would start
+        pass
