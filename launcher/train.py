@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.common.net import free_port
+from competesmoe.data.meta import read_meta
 from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
 from competesmoe.launcher.config import Config, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
@@ -101,20 +102,29 @@ def run(cfg: Config) -> None:
         check_memory(cfg, device, world_size, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                               os.environ.get("LOCAL_SIZE", "1"))))
         check_before_start(cfg.data)
+        data_dir = cfg.data.prepared_path(run_dir)
+        if read_meta(data_dir) is not None:  # prepared before (e.g. by `competesmoe prepare`): checked now
+            check_windows_fit(cfg, data_dir, world_size)
         torch.set_num_threads(cfg.parallel.threads_per_rank)
         init_distributed(cfg, device)
         train(cfg, run_dir, device, claimed)
 
 
-def train(cfg: Config, run_dir: Path, device: torch.device, claimed: RunDir | None) -> None:
-    """Prepare, build, resume and fit, in an initialised process group; rank 0 holds the output_dir (claimed)."""
+def check_windows_fit(cfg: Config, data_dir: Path, dp_size: int) -> None:
+    """A prepared corpus's splits hold what the windows sampler draws from them (the gpt sampler's are checked as
+    megatron-core builds them)."""
     from competesmoe.data.loader import check_splits
 
+    if cfg.data.sampler == "windows":
+        check_splits(data_dir, cfg.model.seq_len, cfg.train.micro_batch_size, dp_size)
+
+
+def train(cfg: Config, run_dir: Path, device: torch.device, claimed: RunDir | None) -> None:
+    """Prepare, build, resume and fit, in an initialised process group; rank 0 holds the output_dir (claimed)."""
     rank = dist.get_rank()
     groups = build_groups(cfg.parallel.expert_parallel_size)
     data_dir = prepare_data(cfg, run_dir, rank)
-    if cfg.data.sampler == "windows":  # the gpt sampler's splits are checked as megatron-core builds them
-        check_splits(data_dir, cfg.model.seq_len, cfg.train.micro_batch_size, groups.dp_size)
+    check_windows_fit(cfg, data_dir, groups.dp_size)
 
     trainer = Trainer(cfg, groups, device, data_dir)
     checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg, groups, trainer.meta["tokenizer"],

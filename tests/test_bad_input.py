@@ -530,15 +530,20 @@ def test_a_second_run_on_a_locked_output_dir_names_the_holder(tmp_path):
 
 
 def test_a_split_shorter_than_a_window_is_refused_before_the_first_step(tmp_path):
-    """valid and test hold fewer tokens than one window: refused before training (no metrics, no checkpoint), and
-    the folder takes the corrected rerun's checks (nothing left behind blocks it)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes(b"".join(b"line %d of a short corpus\n" % i for i in range(1600)))  # ~40 KB: valid ~2 KB
+    """valid and test hold fewer tokens than one window: once the corpus is prepared, `train` refuses before any
+    process group exists (no metrics, no checkpoint, the user's corpus as it was), and nothing it leaves blocks the
+    corrected rerun. (A corpus prepared by `train` itself is checked right after it is prepared.)"""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "corpus.txt").write_bytes(b"".join(b"line %d of a short corpus\n" % i for i in range(1600)))  # 5%: 2 KB
+    before = snapshot(user)
+    data = [f"data.path={user / 'corpus.txt'}", f"data.prepared_dir={tmp_path / 'data'}"]
     out = tmp_path / "out"
-    args = ["train", TINY, f"output_dir={out}", f"data.path={corpus}", f"data.prepared_dir={tmp_path / 'data'}",
-            "train.micro_batch_size=1", "model.seq_len=4096", "model.positions=rotary"]
-    line = one_error_line(competesmoe(*args, timeout=300))
-    assert "the valid split" in line and "model.seq_len" in line, line
+    assert run_in_process(["prepare", TINY, *data]).returncode == 0
+    line = one_error_line(run_in_process(["train", TINY, f"output_dir={out}", *data, "train.micro_batch_size=1",
+                                          "model.seq_len=4096"]))
+    assert "the valid split of corpus corpus.txt has" in line and "model.seq_len" in line, line
+    assert snapshot(user) == before
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     from competesmoe.launcher.config import load_config
     from competesmoe.launcher.run_dir import RunDir
