@@ -49,7 +49,7 @@ class _Split:
         # One flat view of every token (the split's documents are contiguous in the .bin file). It points
         # into the dataset's mmap, which the dataset's destructor closes: never let it outlive self._ds.
         self._tokens = self._ds.bin_reader.read(dtype=self._ds.index.dtype, count=self.n_tokens, offset=0)
-        self.n_windows = max(0, (self.n_tokens - 1) // self.seq_len)
+        self.n_windows = _window_count(self.n_tokens, self.seq_len)
         self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
 
     def gather(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +76,38 @@ def _check_rank(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"dp_rank {dp_rank} is not within a data-parallel group of size {dp_size}")
 
 
+def _window_count(n_tokens: int, seq_len: int) -> int:
+    """Non-overlapping windows of seq_len + 1 tokens (inputs and their next-token targets) in n_tokens."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def _check_windows(prefix_dir: Path, split: str, n_tokens: int, seq_len: int, micro_batch_size: int,
+                   dp_size: int, sampled: bool) -> None:
+    """A sampled split (train's) must fill one global micro-batch; one read in order (valid, test) one window per
+    data-parallel rank."""
+    windows = _window_count(n_tokens, seq_len)
+    if sampled and windows < micro_batch_size * dp_size:
+        short = (f"one global micro-batch (train.micro_batch_size {micro_batch_size} x {dp_size} data-parallel "
+                 f"ranks)")
+        fix = "lower train.micro_batch_size or model.seq_len"
+    elif windows < dp_size:
+        short, fix = f"the {dp_size} data-parallel rank(s) that evaluate it", "lower model.seq_len"
+    else:
+        return
+    raise UserError(f"the {split} split of corpus {corpus_name(prefix_dir)} has {n_tokens} tokens = {windows} windows of "
+                    f"model.seq_len+1 = {seq_len + 1} tokens, fewer than {short}; {fix}, or use a larger corpus "
+                    f"(data.path)")
+
+
+def check_splits(data_dir: str | Path, seq_len: int, micro_batch_size: int, dp_size: int) -> None:
+    """Before a run builds anything: every split of a data.path preparation (from meta.json's token counts) holds
+    what the windows sampler will draw, so that no run trains to its end and only then finds its valid or test
+    split shorter than one window."""
+    for split, info in load_meta(data_dir)["splits"].items():
+        _check_windows(Path(data_dir), split, int(info["tokens"]), seq_len, micro_batch_size, dp_size,
+                       sampled=split == "train")
+
+
 def split_tokens(prefix_dir: str | Path, split: str) -> np.ndarray:
     """A copy of a prepared split's whole token stream (uint16)."""
     data = _Split(prefix_dir, split, 1)
@@ -98,12 +130,8 @@ class TrainSampler:
         self.seed = int(seed)
         self.global_batch = self.micro_batch_size * self.dp_size
         self.num_windows = self._split.n_windows
-        if self.num_windows < self.global_batch:
-            raise UserError(
-                f"the {split} split of corpus {corpus_name(self._split.prefix_dir)} has {self._split.n_tokens} tokens = "
-                f"{self.num_windows} windows of model.seq_len+1 = {seq_len + 1}, fewer than one global micro-batch "
-                f"(train.micro_batch_size {micro_batch_size} x {dp_size} data-parallel ranks); lower "
-                f"train.micro_batch_size or model.seq_len, or use a larger corpus (data.path)")
+        _check_windows(self._split.prefix_dir, split, self._split.n_tokens, seq_len, micro_batch_size, dp_size,
+                       sampled=True)
         self.epoch = 0
         self.position = 0  # windows of the current epoch's permutation already consumed (globally)
         self._perm_epoch = -1
@@ -164,11 +192,11 @@ def eval_batches(prefix_dir: str | Path, split: str, seq_len: int, micro_batch_s
     """
     _check_rank(micro_batch_size, dp_rank, dp_size)
     data = _Split(prefix_dir, split, seq_len)
-    if data.n_windows < dp_size:
+    try:
+        _check_windows(data.prefix_dir, split, data.n_tokens, seq_len, micro_batch_size, dp_size, sampled=False)
+    except UserError:
         data.close()
-        raise UserError(f"the {split} split of corpus {corpus_name(data.prefix_dir)} has {data.n_windows} windows of "
-                        f"model.seq_len+1 = {seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; "
-                        f"lower model.seq_len or use a larger corpus (data.path)")
+        raise
     return _in_order(data.gather, data.n_windows, micro_batch_size, dp_rank, dp_size, max_batches, data.close)
 
 
@@ -335,13 +363,14 @@ def open_train_data(data_cfg, data_dir: str | Path, *, cache_dir: str | Path, se
     datasets = build_gpt_datasets(**members, split=data_cfg.split, seq_len=seq_len, seed=seed, sizes=sizes,
                                   cache_dir=cache_dir, tokenizer=meta["tokenizer"])
     sources = dict(zip(SPLITS, (_GPTSource(d) for d in datasets)))
+    for split in ("valid", "test"):  # now, not at the end of training
+        if sources[split].n < dp_size:
+            raise UserError(f"the {split} split of {data_dir} has {sources[split].n} samples of model.seq_len+1 = "
+                            f"{seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; lower "
+                            f"model.seq_len, or give {split} a larger weight in data.split")
 
     def gpt_eval_batches(split: str, max_batches: int):
         source = sources[split]
-        if source.n < dp_size:
-            raise UserError(f"the {split} split of {data_dir} has {source.n} samples of model.seq_len+1 = "
-                            f"{seq_len + 1} tokens, fewer than the {dp_size} data-parallel ranks; lower "
-                            f"model.seq_len, or give {split} a larger weight in data.split")
         return _in_order(source.gather, source.n, micro_batch_size, dp_rank, dp_size, max_batches)
 
     return TrainData(GPTSampler(datasets[0], micro_batch_size, dp_rank, dp_size, train_samples), gpt_eval_batches)

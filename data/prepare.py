@@ -7,6 +7,8 @@ Two kinds (see data/config.py):
 - from `data.inputs` (pretraining): many files streamed by worker processes into one dataset of documents,
   `text_document.bin/.idx` (competesmoe.data.pretrain).
 
+`prepare` writes only into a folder that is new, empty or its own: it leaves a marker file (`.competesmoe-prepared`)
+there first, and refuses a folder holding anything else (a user's `train.bin` or `meta.json` is never replaced).
 Either way everything is built in a private temporary directory inside `out_dir` and moved into place,
 meta.json last, so a directory without meta.json is never mistaken for a finished one. While it checks
 and builds, `prepare` holds an exclusive lock on `out_dir/.prepare.lock`: several processes preparing the
@@ -32,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from competesmoe.common.errors import UserError
-from competesmoe.common.files import sha256_file
+from competesmoe.common.files import claim_folder, sha256_file
 from competesmoe.data import sources
-from competesmoe.data.meta import META_FILE, is_documents, read_meta
+from competesmoe.data.meta import DOCUMENTS, META_FILE, is_documents, read_meta
 from competesmoe.data.tokenizer import SPM_MODEL_FILE, ByteTokenizer, SentencePieceTokenizer
 
 BUNDLED_CORPUS = "enwiki-2016-fragment.xml.bz2"
@@ -44,6 +46,9 @@ CHUNK_BYTES = 1 << 20  # one indexed-dataset document per ~1 MiB of text
 HEAD_BYTES = 1 << 20  # how much of a corpus resolve_corpus inspects
 FORMAT_VERSION = 1
 LOCK_FILE = ".prepare.lock"
+MARKER_FILE = ".competesmoe-prepared"
+"""Left in a folder `prepare` writes into: the folder is ours (see claim_out_dir)."""
+TMP_PREFIX = ".prepare-"
 # SentencePiece's trained model depends on its thread count (measured: 1, 2 and 4 threads give three
 # different models, each reproducible), so it is fixed rather than taken from the machine.
 SPM_TRAIN_THREADS = 4
@@ -177,9 +182,26 @@ def publish(tmp: Path, out_dir: Path, files: list[str], meta: dict) -> dict:
     return meta
 
 
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"data.prepared_dir: {out_dir} exists and is not a directory; set data.prepared_dir to a directory path")
+def claim_out_dir(out_dir: Path) -> None:
+    """Refuse (naming data.prepared_dir) a folder that holds files prepare did not write; else mark it ours."""
+    claim_folder(out_dir, MARKER_FILE, "data.prepared_dir", made_by_us=_unmarked_preparation)
+
+
+def _unmarked_preparation(out_dir: Path) -> bool:
+    """A preparation made before the marker: nothing but the files prepare writes, and its lock file (taken before
+    anything else, so an interrupted one has it too) or a preparation's meta.json."""
+    ours = {META_FILE, LOCK_FILE, SPM_MODEL_FILE, *(f"{name}.{ext}" for name in (*SPLITS, DOCUMENTS)
+                                                   for ext in ("bin", "idx"))}
+    names = [p.name for p in out_dir.iterdir()]
+    if not all(name in ours or name.startswith(TMP_PREFIX) for name in names):
+        return False
+    if LOCK_FILE in names:
+        return True
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format", "tokenizer", "settings"} <= meta.keys()
 
 
 def finished(out_dir: Path, why_not) -> dict | None:
@@ -242,7 +264,7 @@ def prepare(data_cfg, out_dir: Path, progress: bool = True, workers: int | None 
     `workers` and `skip_bad_input` concern data.inputs (competesmoe.data.pretrain.prepare_documents).
     """
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    claim_out_dir(out_dir)
     if data_cfg.inputs is not None:
         from competesmoe.data.pretrain import prepare_documents
 
@@ -334,7 +356,7 @@ def _prepare_splits(data_cfg, out_dir: Path, progress: bool) -> dict:
             if b <= a:
                 raise UserError(f"data.path: corpus {source} ({len(raw)} bytes) is too small to split 90/5/5 "
                                 f"(the {split} split would be empty); use a larger corpus")
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
         try:
             files = []
             if settings["tokenizer"] == "sentencepiece":

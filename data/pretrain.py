@@ -40,6 +40,7 @@ from competesmoe.data import sources
 from competesmoe.data.meta import DOCUMENTS, is_documents, read_meta
 from competesmoe.data.prepare import (
     FORMAT_VERSION,
+    TMP_PREFIX,
     complete,
     finished,
     prepare_lock,
@@ -378,7 +379,7 @@ def prepare_documents(data_cfg, out_dir: Path, progress: bool = True, workers: i
         bad = BadInput(skip_bad_input)
         fingerprints = [sources.fingerprint(f.path) for f in files]
         readable = _readable_files(files, bad)
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
         try:
             tok, spec, extra = _tokenizer_for(data_cfg, settings, readable, tmp, progress)
             dtype = token_dtype(tok.vocab_size)

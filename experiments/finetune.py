@@ -22,7 +22,7 @@ model is causal, so padding at the end of shorter sentences changes nothing befo
 schedule (drawn for the fine-tuning steps), StableMoE and SMoE-Dropout stay where pre-training left them
 (the routing context carries the checkpoint's step). One process, plain AdamW (no DeepSpeed): fine-tuning
 sets are small. `--out` (default <run>/finetune) receives metrics.jsonl (one record per epoch and the test)
-and classifier.pt.
+and classifier.pt; it must be a new or empty folder, or one finetune wrote before.
 
 Shape legend: B batch, S sequence, D d_model, C classes.
 """
@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.files import claim_folder
+from competesmoe.common.options import integer, number
+from competesmoe.launcher.config import SEED_LIMIT
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
 from competesmoe.moe.schedule import CompetitionSchedule
@@ -152,6 +155,7 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"--epochs ({epochs}) and --batch-size ({batch_size}) must be at least 1 and --lr ({lr}) positive")
+    out = claim_out(out_dir) if out_dir is not None else None  # before any work
     run = load_run(checkpoint)
     tokenizer = load_tokenizer(run.data_dir)
     train, valid, test, classes = _labelled_sets(train_file, valid_file, test_file, num_classes)
@@ -173,8 +177,7 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
     schedule = CompetitionSchedule(run.cfg.moe.competition, seed, total, len(run.model.moe_layers),
                                    enabled=run.cfg.moe.router == "competesmoe" and not freeze_body)
     ctx = run.context()  # the pre-training step: StableMoE stays in its stage, SMoE-Dropout at its K
-    out = Path(out_dir) if out_dir else run.run_dir / "finetune"
-    out.mkdir(parents=True, exist_ok=True)
+    out = out or claim_out(run.run_dir / "finetune")
     records = []
     step = 0
     start = time.perf_counter()
@@ -212,6 +215,17 @@ def finetune(checkpoint: str | Path, train_file: str | Path, valid_file: str | P
     return result
 
 
+OUT_MARKER = ".competesmoe-finetune"
+OUT_FILES = ("metrics.jsonl", "classifier.pt")
+"""What finetune writes into its --out folder (replaced by the next finetune there)."""
+
+
+def claim_out(folder: str | Path) -> Path:
+    """The --out folder, made ours; refused when it holds files finetune did not write (they are never replaced)."""
+    return claim_folder(folder, OUT_MARKER, "--out",
+                        made_by_us=lambda f: all(p.name in OUT_FILES for p in f.iterdir()))  # before the marker
+
+
 def _labelled_sets(train_file, valid_file, test_file, num_classes: int | None):
     """The train, valid and (optional) test examples and the number of classes; a label outside the
     train file's classes is a one-line error."""
@@ -241,13 +255,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train", required=True, help="TSV 'sentence<TAB>label' (SST-2 format)")
     parser.add_argument("--valid", required=True, help="TSV evaluated after every epoch")
     parser.add_argument("--test", default=None, help="TSV evaluated once at the end")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=integer(1), default=3)
+    parser.add_argument("--lr", type=number(0, low_open=True), default=1e-4)
+    parser.add_argument("--batch-size", type=integer(1), default=16)
     parser.add_argument("--pool", choices=["mean", "last"], default="mean", help="pooling of the final hidden states")
     parser.add_argument("--freeze-body", action="store_true", help="train only the head (a linear probe)")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: largest train label + 1")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=integer(2), default=None, help="default: largest train label + 1")
+    parser.add_argument("--seed", type=integer(0, SEED_LIMIT - 1), default=0)
     parser.add_argument("--out", default=None, help="default <run>/finetune")
 
 

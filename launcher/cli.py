@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.options import OneLineParser, integer, matching, port
 
 COMMANDS_GROUP = "competesmoe.commands"
 """Entry-point group of the sub-commands other packages add (pyproject.toml). Each entry is a function
@@ -18,7 +19,10 @@ runs the parsed arguments and returns the exit status. `pip install -e .` refres
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="competesmoe", description=__doc__)
+    from competesmoe.launcher.launch import HOSTNAME, IFNAME
+
+    host = matching(HOSTNAME, "a host name or address (letters, digits, '.', '-', '_', ':')")
+    parser = OneLineParser(prog="competesmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one process, or one rank of a launched job")
@@ -32,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "megatron-core indexed datasets, once, before training")
     prepare.add_argument("config")
     prepare.add_argument("overrides", nargs="*")
-    prepare.add_argument("--workers", type=int, default=None,
+    prepare.add_argument("--workers", type=integer(1), default=None,
                          help="data.inputs: tokenizing processes (default: the CPUs available)")
     prepare.add_argument("--skip-bad-input", action="store_true",
                          help="data.inputs: skip (and record) empty or unreadable files and bad JSONL lines "
@@ -42,34 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
                             description="One host: --nproc N. Over ssh: --hostfile F (deepspeed, pdsh). Per node: "
                                         "--no-ssh --node-rank R --master-addr A (deepspeed) or --launcher torchrun "
                                         "--nnodes K --node-rank R --master-addr A (c10d rendezvous).")
-    launch.add_argument("--nproc", type=int, default=None,
+    launch.add_argument("--nproc", type=integer(1), default=None,
                         help="ranks per host (default 2; with --hostfile, each host's slots)")
     launch.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    launch.add_argument("--nnodes", type=int, default=None, help="number of hosts (default: the hostfile's, else 1)")
-    launch.add_argument("--node-rank", type=int, default=None,
+    launch.add_argument("--nnodes", type=integer(1), default=None, help="number of hosts (default: the hostfile's, else 1)")
+    launch.add_argument("--node-rank", type=integer(0), default=None,
                         help="this host's rank, 0 on the master (per-node starts: --no-ssh, torchrun)")
-    launch.add_argument("--master-addr", default=None,
+    launch.add_argument("--master-addr", type=host, default=None,
                         help="address of node 0, reachable from every node (default: 127.0.0.1 on one host, "
                              "the hostfile's first host over ssh)")
-    launch.add_argument("--master-port", type=int, default=None,
+    launch.add_argument("--master-port", type=port, default=None,
                         help="rendezvous port (default: a free one on one host, 29500 across hosts)")
     launch.add_argument("--hostfile", default=None, help="DeepSpeed hostfile: one 'HOSTNAME slots=N' per line")
     launch.add_argument("--no-ssh", action="store_true",
                         help="deepspeed launcher without ssh: run this on every node with its --node-rank")
-    launch.add_argument("--ifname", default=None,
+    launch.add_argument("--ifname", type=matching(IFNAME, "a network interface name"), default=None,
                         help="network interface the ranks talk over (sets GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
-    launch.add_argument("--local-addr", default=None,
+    launch.add_argument("--local-addr", type=host, default=None,
                         help="torchrun: this node's address as the others reach it (default: --ifname's address)")
     launch.add_argument("--rdzv-id", default="competesmoe", help="torchrun: rendezvous id, the same on every node")
-    launch.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    launch.add_argument("--threads", type=integer(1), default=1, help="OMP threads per rank")
     launch.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     launch.add_argument("config")
     launch.add_argument("overrides", nargs="*")
 
     board = sub.add_parser("tensorboard", help="serve the TensorBoard of one or more runs on 127.0.0.1")
     board.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (or its tensorboard/)")
-    board.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    board.add_argument("--port", type=int, default=6006)
+    board.add_argument("--host", type=host, default="127.0.0.1", help="address to bind (default loopback only)")
+    board.add_argument("--port", type=port, default=6006)
     board.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
     from competesmoe.launcher import evaluate
@@ -185,15 +189,16 @@ def export_checkpoint(checkpoint_dir: str, out: str, fmt: str = "safetensors") -
 
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output file (nothing is overwritten)")
+    if not Path(out).parent.is_dir():
+        raise UserError(f"{out}: folder {Path(out).parent} does not exist; create it or choose another output file")
     print(f"wrote {export_safetensors(Path(checkpoint_dir), Path(out))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    args = build_parser().parse_args(argv)
     try:
-        return dispatch(args)
+        return dispatch(build_parser().parse_args(argv))
     except UserError as err:
         rank = os.environ.get("RANK")
         prefix = f"competesmoe: error{f' (rank {rank})' if rank not in (None, '0') else ''}: "

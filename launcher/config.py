@@ -24,6 +24,10 @@ __all__ = ["BaselineConfig", "CompetitionConfig", "Config", "ConfigError", "Data
            "validate", "validate_world"]
 
 
+SEED_LIMIT = 2**32
+"""Seeds are numpy's: 0 <= seed < 2**32."""
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 300
@@ -75,6 +79,9 @@ class TrainConfig:
             value = getattr(self, name)
             check(value >= 1, f"train.{name} ({value}) must be at least 1")
         check(self.lr > 0, f"train.lr ({self.lr}) must be positive")
+        check(0.0 <= self.beta2 < 1.0, f"train.beta2 ({self.beta2}) must be within [0, 1) (Adam's second-moment decay)")
+        check(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must not be negative")
+        check(0 <= self.seed < SEED_LIMIT, f"train.seed ({self.seed}) must be within [0, 2**32) (numpy's seeds)")
         check(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must not be negative")
         check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio ({self.min_lr_ratio}) must be within [0, 1]")
         check(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must not be negative (0 disables clipping)")

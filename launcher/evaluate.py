@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.options import integer
 from competesmoe.launcher.config import Config
 from competesmoe.moe.model import TransformerLM
 from competesmoe.moe.routing import RoutingContext
@@ -158,6 +159,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", required=True, help="raw text file (.txt/.xml, or .bz2/.gz of one)")
     parser.add_argument("--split", default="all", choices=SPLITS,
                         help="score the whole file (default) or one of prepare's 90/5/5 byte splits of it")
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token at evaluation (default moe.top_k)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--top-k", type=integer(1), default=None,
+                        help="experts per token at evaluation (default moe.top_k; at most moe.num_experts)")
+    parser.add_argument("--batch-size", type=integer(1), default=8, help="windows per forward")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

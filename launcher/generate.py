@@ -13,6 +13,7 @@ same text.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -20,18 +21,38 @@ import numpy as np
 import torch
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.options import integer, number
+
+TORCH_SEED_MAX = 2**64 - 1
+"""The largest seed torch.Generator.manual_seed takes."""
+
+
+def torch_device(text: str) -> torch.device:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return dev
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="a run's output_dir, a checkpoint folder or an exported .safetensors model")
     parser.add_argument("--prompt", required=True, help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add at most (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=integer(0), default=200, help="tokens to add at most (default 200)")
+    parser.add_argument("--temperature", type=number(0), default=0.8,
                         help="softmax temperature (default 0.8); 0 = always the most likely token")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--top-k", type=integer(1), default=None, help="sample among the K most likely tokens only")
+    parser.add_argument("--seed", type=integer(0, TORCH_SEED_MAX), default=0, help="seed of the sampling (default 0)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device (default: cuda when available, else cpu)")
 
 
 def main(args) -> int:
@@ -45,7 +66,7 @@ def main(args) -> int:
     saved, model = load_model(args.checkpoint)
     tokenizer = run_tokenizer(saved)
     ids = encode_prompt(tokenizer, prompt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     routing = RoutingContext(step=saved.step, total_steps=saved.cfg.train.max_steps)  # StableMoE's stage
     new = generate(model, torch.as_tensor(ids, dtype=torch.long, device=device), sampling,

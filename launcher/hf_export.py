@@ -61,10 +61,10 @@ UNREACHABLE = -1e9
 
 def export_hf(checkpoint: Path, out_dir: Path, max_shard_size: int | str = "5GB") -> Path:
     """Writes the Hugging Face folder of a checkpoint into out_dir (new or empty), all at once."""
-    _require_transformers()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} is not an empty folder; choose a new or empty output folder (nothing is "
                         f"overwritten)")
+    _require_transformers()
     saved = open_checkpoint(checkpoint)
     check_exportable(saved.cfg, saved.path)
     tokenizer = run_tokenizer(saved)

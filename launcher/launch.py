@@ -54,6 +54,7 @@ pull there must not fail the other pods.)"""
 RESOLVE_RETRY_S = 2.0
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")  # DeepSpeed's format, stricter
 HOSTNAME = re.compile(r"^[A-Za-z0-9._:-]+$")  # names and IPv4/IPv6 addresses; nothing a remote shell reads
+IFNAME = re.compile(r"^[A-Za-z0-9._:@-]{1,15}$")  # Linux: at most 15 bytes (IFNAMSIZ - 1), no '/' or space
 REMOTE_TRAIN = "remote-train"
 DEEPSPEED_EXPORTED = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 """Prefixes of the variables DeepSpeed's runner exports to pdsh hosts by itself (runner.EXPORT_ENVS + CUDA's)."""

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.options import integer, number
 from competesmoe.common.table import text_table
 from competesmoe.launcher.config import Config, load_config
 from competesmoe.launcher.hardware import GPUS
@@ -37,20 +38,20 @@ MFU_SOURCE = ("assumption: half the peak (small d_model runs lower); pass --mfu 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config, e.g. configs/v2-pretrain.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the world size)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpus", type=integer(1), required=True, help="GPUs in the job (the world size)")
+    parser.add_argument("--gpus-per-node", type=integer(1), default=8, help="GPUs per node (default 8)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100",
                         help="the GPU whose figures are the defaults of the next four options (default h100)")
-    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="usable memory per GPU")
-    parser.add_argument("--intra-node-GBps", type=float, default=None, metavar="GB/s",
+    parser.add_argument("--gpu-memory", type=number(0, low_open=True), default=None, metavar="GiB", help="usable memory per GPU")
+    parser.add_argument("--intra-node-GBps", type=number(0, low_open=True), default=None, metavar="GB/s",
                         help="bandwidth a GPU sends at to GPUs of its node (NVLink, one direction)")
-    parser.add_argument("--inter-node-GBps", type=float, default=None, metavar="GB/s",
+    parser.add_argument("--inter-node-GBps", type=number(0, low_open=True), default=None, metavar="GB/s",
                         help="bandwidth a GPU sends at to other nodes (its network link, one direction)")
-    parser.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOP/s",
+    parser.add_argument("--peak-tflops", type=number(0, low_open=True), default=None, metavar="TFLOP/s",
                         help="dense matmul peak per GPU in the config's train.precision")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+    parser.add_argument("--mfu", type=number(0, 1, low_open=True), default=DEFAULT_MFU,
                         help=f"share of the peak the compute reaches (default {DEFAULT_MFU})")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=integer(1), default=None,
                         help="vocabulary size (default: 256 for the byte tokenizer, data.vocab_size for sentencepiece)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
 
@@ -86,17 +87,11 @@ def hardware_figures(args: argparse.Namespace, precision: str) -> dict[str, Figu
                "intra_node_GBps": pick("intra_node_GBps", spec.intra_node_GBps, "intra_node_GBps", "--intra-node-GBps"),
                "inter_node_GBps": pick("inter_node_GBps", spec.inter_node_GBps, "inter_node_GBps", "--inter-node-GBps"),
                "mfu": Figure(args.mfu, "--mfu" if args.mfu != DEFAULT_MFU else MFU_SOURCE)}
-    for name, figure in figures.items():
-        if not figure.value > 0 or (name == "mfu" and figure.value > 1):
-            raise UserError(f"{figure.source.split(':')[0]} = {figure.value} must be positive"
-                            + (" and at most 1" if name == "mfu" else ""))
-    return figures
+    return figures  # each option's range is checked as it is parsed (add_arguments)
 
 
 def check_cluster(args: argparse.Namespace) -> int:
     """GPUs per node as the layout sees it (a job smaller than a node sits in one)."""
-    if args.gpus < 1 or args.gpus_per_node < 1:
-        raise UserError(f"--gpus ({args.gpus}) and --gpus-per-node ({args.gpus_per_node}) must be at least 1")
     if args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node:
         raise UserError(f"--gpus {args.gpus} is not a whole number of {args.gpus_per_node}-GPU nodes; pass a multiple "
                         f"of --gpus-per-node")
@@ -105,13 +100,11 @@ def check_cluster(args: argparse.Namespace) -> int:
 
 def vocab_size(cfg: Config, given: int | None) -> int:
     if given is not None:
-        if given < 1:
-            raise UserError(f"--vocab-size ({given}) must be at least 1")
         return given
     if cfg.data.tokenizer == "byte":
         from competesmoe.data.tokenizer import ByteTokenizer
 
-        return ByteTokenizer.vocab_size
+        return ByteTokenizer(with_eod=cfg.data.inputs is not None).vocab_size
     return cfg.data.vocab_size
 
 
@@ -119,6 +112,11 @@ def workload(cfg: Config, vocab: int) -> cost.Workload:
     t = cfg.train
     return cost.Workload(cfg.model, cfg.moe, vocab, t.micro_batch_size, t.grad_accum, t.precision,
                          cfg.parallel.activation_checkpointing)
+
+
+def peak_competing_layers(cfg: Config, moe_layers: int) -> int:
+    """The most MoE layers that compete in one step (moe.competition.cap; none for a policy without competition)."""
+    return min(cfg.moe.competition.cap, moe_layers) if cfg.moe.competes else 0
 
 
 def mean_competing_layers(cfg: Config, moe_layers: int) -> float:
@@ -142,7 +140,7 @@ def make_plan(cfg: Config, args: argparse.Namespace) -> dict:
                        intra_node_Bps=figures["intra_node_GBps"].value * 1e9,
                        inter_node_Bps=figures["inter_node_GBps"].value * 1e9)
     params = cost.param_counts(cfg.model, cfg.moe, vocab)
-    cap = min(cfg.moe.competition.cap, w.moe_layers) if cfg.moe.competes else 0
+    cap = peak_competing_layers(cfg, w.moe_layers)
     steps = {"router": 0.0, "mean": mean_competing_layers(cfg, w.moe_layers), "competition": float(cap)}
     memory_limit = figures["memory_gib"].value * GiB
     layouts = [describe_layout(w, cost.Layout(args.gpus, ep, zero, gpus_per_node), params, hw, steps, cap, memory_limit)

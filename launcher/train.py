@@ -7,6 +7,7 @@ which rank this is; without it the process is a world of one.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import os
 import signal
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from competesmoe.common.errors import UserError, is_peer_failure
 from competesmoe.common.net import free_port
+from competesmoe.data.meta import read_meta
 from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
-from competesmoe.launcher.config import Config, to_dict, validate_world
+from competesmoe.launcher.config import Config, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
+from competesmoe.launcher.preflight import check_memory, check_threads
+from competesmoe.launcher.run_dir import RunDir, check_writable
 from competesmoe.launcher.trainer import Trainer, deepspeed_config, pick_device
 from competesmoe.parallel import collectives
 from competesmoe.parallel.groups import build_groups
@@ -39,22 +42,6 @@ def init_distributed(cfg: Config, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=10))
-
-
-def check_output_dir(cfg: Config, run_dir: Path) -> None:
-    """Refuse to start fresh on top of another run (nothing is overwritten)."""
-    ckpt = run_dir / CHECKPOINTS
-    has_checkpoints = ckpt.is_dir() and any(ckpt.iterdir())
-    if cfg.resume == "none" and (has_checkpoints or (run_dir / "metrics.jsonl").exists()):
-        raise UserError(f"output_dir {run_dir} already holds a run; continue it with resume=auto "
-                        f"or choose a new output_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe_{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output_dir {run_dir} is not writable ({err.strerror}); choose another output_dir") from None
 
 
 PREPARE_HEARTBEAT_S = 20.0
@@ -104,18 +91,42 @@ def on_rank0_while_others_wait(work, rank: int) -> None:
 def run(cfg: Config) -> None:
     from competesmoe.data.prepare import check_before_start
 
-    torch.set_num_threads(cfg.parallel.threads_per_rank)
     device = pick_device(cfg.parallel.device)
     run_dir = Path(cfg.output_dir)
-    check_output_dir(cfg, run_dir)
-    # Checks that need no peer come before any collective, so every rank fails alike and at once.
-    validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # Everything that can be checked before the first step is, and what needs no peer comes before any collective,
+    # so that every rank fails alike and at once (a run never trains to its end to fail there).
+    validate_world(cfg, world_size)
     deepspeed_config(cfg)  # parallel.deepspeed_config merged and validated (a conflict is refused here, not later)
-    check_before_start(cfg.data)
-    init_distributed(cfg, device)
+    check_threads(cfg)
+    check_writable(run_dir)
+    with RunDir(cfg, run_dir) if rank == 0 else contextlib.nullcontext() as claimed:  # one run per output_dir
+        check_memory(cfg, device, world_size, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                              os.environ.get("LOCAL_SIZE", "1"))))
+        check_before_start(cfg.data)
+        data_dir = cfg.data.prepared_path(run_dir)
+        if read_meta(data_dir) is not None:  # prepared before (e.g. by `competesmoe prepare`): checked now
+            check_windows_fit(cfg, data_dir, world_size)
+        torch.set_num_threads(cfg.parallel.threads_per_rank)
+        init_distributed(cfg, device)
+        train(cfg, run_dir, device, claimed)
+
+
+def check_windows_fit(cfg: Config, data_dir: Path, dp_size: int) -> None:
+    """A prepared corpus's splits hold what the windows sampler draws from them (the gpt sampler's are checked as
+    megatron-core builds them)."""
+    from competesmoe.data.loader import check_splits
+
+    if cfg.data.sampler == "windows":
+        check_splits(data_dir, cfg.model.seq_len, cfg.train.micro_batch_size, dp_size)
+
+
+def train(cfg: Config, run_dir: Path, device: torch.device, claimed: RunDir | None) -> None:
+    """Prepare, build, resume and fit, in an initialised process group; rank 0 holds the output_dir (claimed)."""
     rank = dist.get_rank()
     groups = build_groups(cfg.parallel.expert_parallel_size)
     data_dir = prepare_data(cfg, run_dir, rank)
+    check_windows_fit(cfg, data_dir, groups.dp_size)
 
     trainer = Trainer(cfg, groups, device, data_dir)
     checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg, groups, trainer.meta["tokenizer"],
@@ -126,8 +137,8 @@ def run(cfg: Config) -> None:
         checkpoints.load(found)
         if rank == 0:
             print(f"resumed from {found.path} at step {trainer.step}", flush=True)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if claimed is not None:
+        claimed.write_config()
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     try:
         fit(trainer, checkpoints, writer, rank, PreemptionFlag(device))
@@ -197,10 +208,10 @@ def fit(trainer: Trainer, checkpoints: CheckpointManager, writer: MetricsWriter,
                 bar.write(f"competesmoe: SIGTERM: saved a checkpoint at step {step}; resume=auto continues")
             return
     bar.close()
+    checkpoints.save()  # before the final evaluation: an evaluation that fails must not lose the training
     for split in ("valid", "test"):
         result = trainer.evaluate(split)
         writer.write(result)
         if rank == 0:
             figure = "bpc" if "bpc" in result else "ppl"
             print(f"{split}: loss {result['loss']:.4f} {figure} {result[figure]:.4f}")
-    checkpoints.save()

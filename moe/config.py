@@ -12,6 +12,8 @@ from typing import Literal
 
 from competesmoe.common.typed_config import check
 
+MAX_LAYERS = 1024
+
 
 @dataclass
 class ModelConfig:
@@ -54,6 +56,8 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "seq_len", "dense_hidden"):
             value = getattr(self, name)
             check(value >= 1, f"model.{name} ({value}) must be at least 1")
+        check(self.n_layers <= MAX_LAYERS, f"model.n_layers ({self.n_layers}) must be at most {MAX_LAYERS} (deeper "
+                                           f"than any Transformer LM trained; a larger value is a typo)")
         check(self.d_model % self.n_heads == 0,
               f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         check(self.positions != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
@@ -224,8 +228,8 @@ class MoEConfig:
     expert's copy of the dense FFN weights (drawn from train.seed), so that the experts differ from the first step;
     0 = exact copies (the upcycled model then computes the dense model's loss at step 0)."""
     capacity_factor: float = 0.0
-    """0 = dropless (default). Otherwise each expert takes at most ceil(cf * T * K / E) tokens per
-    rank; assignments past capacity (in token order) are dropped and contribute zero."""
+    """0 = dropless (default). Otherwise, within [1/K, E/K], each expert takes at most ceil(cf * T * K / E) tokens
+    per rank; assignments past capacity (in token order) are dropped and contribute zero."""
     competition: CompetitionConfig = field(default_factory=CompetitionConfig)
     """The competition schedule and losses (used when router = competesmoe)."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -242,7 +246,12 @@ class MoEConfig:
             check(value >= 1, f"moe.{name} ({value}) must be at least 1")
         check(self.top_k <= self.num_experts,
               f"moe.top_k ({self.top_k}) must not exceed moe.num_experts ({self.num_experts})")
-        check(self.capacity_factor >= 0, f"moe.capacity_factor ({self.capacity_factor}) must be 0 (dropless) or positive")
+        low, high = 1 / self.top_k, self.num_experts / self.top_k
+        check(self.capacity_factor == 0 or low <= self.capacity_factor <= high,
+              f"moe.capacity_factor ({self.capacity_factor}) must be 0 (dropless) or within [1 / moe.top_k, "
+              f"moe.num_experts / moe.top_k] = [{low:g}, {high:g}]: below, the experts have fewer slots than there are "
+              f"tokens (tokens are dropped however evenly they are routed); above, every expert can take every token "
+              f"(that is dropless: 0)")
         check(0 <= self.jitter < 1, f"moe.jitter ({self.jitter}) must be within [0, 1)")
         check(self.upcycle_noise >= 0, f"moe.upcycle_noise ({self.upcycle_noise}) must not be negative")
         for name in ("balance_coef", "z_loss_coef"):

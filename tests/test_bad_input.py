@@ -15,6 +15,7 @@ from typing import Callable
 import pytest
 import torch.distributed
 
+from competesmoe.launcher.run_dir import LOCK_FILE
 from support import ROOT, TINY, competesmoe, one_error_line
 
 pytestmark = pytest.mark.slow  # real training runs / launchers: see tests/conftest.py
@@ -24,8 +25,9 @@ QUICK = ["train.max_steps=2", "train.eval_every=0", "train.eval_batches=1", "mod
 
 
 def snapshot(root: Path) -> dict[str, str]:
+    """Every file's hash, but a run's lock file (each start that takes it writes its pid and host there)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +317,235 @@ def test_disk_full_during_save_is_one_line_and_publishes_nothing(tmp_path):
         assert not list((run / "checkpoints").glob("step*"))
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+# ------------------------------------------------------------------------------------------- by class (issue 10)
+# Each case runs the real CLI's main() in this process (a subprocess costs seconds; a handful below prove the same
+# end to end): exit 2, one line without a traceback naming the option, field or file, and every file of the user's
+# folder byte-identical. `d` is the user's folder: it holds their config (a copy of TINY) and a notes file.
+
+
+def user_folder(tmp_path: Path) -> Path:
+    user = tmp_path / "user"
+    user.mkdir()
+    shutil.copy(TINY, user / "config.yaml")
+    (user / "notes.txt").write_text("my notes\n")
+    return user
+
+
+def run_cfg(*overrides: str) -> Callable[[Path], list[str]]:
+    """`train` on the user's config, output into a folder beside theirs."""
+    return lambda d: ["train", str(d / "config.yaml"), f"output_dir={d.parent / 'out'}", *overrides]
+
+
+def cmd(*words: str) -> Callable[[Path], list[str]]:
+    """A command line; '{d}' in a word is the user's folder."""
+    return lambda d: [w.replace("{d}", str(d)) for w in words]
+
+
+@dataclass
+class Refused:
+    args: Callable[[Path], list[str]]
+    needle: str
+    """What the one error line must contain ('{d}': the user's folder)."""
+    setup: Callable[[Path], None] = lambda d: None
+    """Makes the user's files the case needs, before they are hashed."""
+
+
+CLI_OPTIONS = {  # every command's options are typed: refused at parse time, naming the option
+    "eval --batch-size 0": Refused(cmd("eval", "{d}", "--text", "{d}/notes.txt", "--batch-size", "0"), "--batch-size"),
+    "eval --batch-size x": Refused(cmd("eval", "{d}", "--text", "{d}/notes.txt", "--batch-size", "x"), "--batch-size"),
+    "eval --top-k -1": Refused(cmd("eval", "{d}", "--text", "{d}/notes.txt", "--top-k", "-1"), "--top-k"),
+    "eval without --text": Refused(cmd("eval", "{d}"), "--text"),
+    "export --format onnx": Refused(cmd("export", "{d}", "{d}/m.onnx", "--format", "onnx"), "--format"),
+    "export into a missing folder": Refused(cmd("export", "{d}", "{d}/no/such/m.safetensors"), "{d}/no/such"),
+    "export over the user's file": Refused(cmd("export", "{d}", "{d}/notes.txt"), "{d}/notes.txt already exists"),
+    "export --format hf into the user's folder": Refused(cmd("export", "{d}", "{d}", "--format", "hf"),
+                                                         "{d} is not an empty folder"),
+    "generate --max-new-tokens -1": Refused(cmd("generate", "{d}", "--prompt", "a", "--max-new-tokens", "-1"),
+                                            "--max-new-tokens"),
+    "generate --temperature nan": Refused(cmd("generate", "{d}", "--prompt", "a", "--temperature", "nan"),
+                                          "--temperature"),
+    "generate --top-k 0": Refused(cmd("generate", "{d}", "--prompt", "a", "--top-k", "0"), "--top-k"),
+    "generate --seed -5": Refused(cmd("generate", "{d}", "--prompt", "a", "--seed", "-5"), "--seed"),
+    "generate --device banana": Refused(cmd("generate", "{d}", "--prompt", "a", "--device", "banana"), "--device"),
+    "launch --nproc 0": Refused(cmd("launch", "--nproc", "0", "{d}/config.yaml"), "--nproc"),
+    "launch --master-port 70000": Refused(cmd("launch", "--master-port", "70000", "{d}/config.yaml"), "--master-port"),
+    "launch --master-addr with a ;": Refused(cmd("launch", "--master-addr", "n0;touch {d}/x", "{d}/config.yaml"),
+                                             "--master-addr"),
+    "launch --ifname with a space": Refused(cmd("launch", "--ifname", "eth 0", "{d}/config.yaml"), "--ifname"),
+    "launch --threads 0": Refused(cmd("launch", "--threads", "0", "{d}/config.yaml"), "--threads"),
+    "launch --node-rank -1": Refused(cmd("launch", "--node-rank", "-1", "{d}/config.yaml"), "--node-rank"),
+    "launch --hostfile with a bad line": Refused(cmd("launch", "--hostfile", "{d}/hosts", "{d}/config.yaml"),
+                                                 "hostfile {d}/hosts line 2",
+                                                 setup=write("hosts", b"node1 slots=2\nnode2 slots=two\n")),
+    "launch --hostfile missing": Refused(cmd("launch", "--hostfile", "{d}/nohosts", "{d}/config.yaml"),
+                                         "hostfile {d}/nohosts does not exist"),
+    "tensorboard --port 0": Refused(cmd("tensorboard", "{d}", "--port", "0", "--dry-run"), "--port"),
+    "tensorboard --host $(id)": Refused(cmd("tensorboard", "{d}", "--host", "$(id)", "--dry-run"), "--host"),
+    "plan --gpus 0": Refused(cmd("plan", "{d}/config.yaml", "--gpus", "0"), "--gpus"),
+    "plan --mfu 1.5": Refused(cmd("plan", "{d}/config.yaml", "--gpus", "8", "--mfu", "1.5"), "--mfu"),
+    "plan --gpu-memory inf": Refused(cmd("plan", "{d}/config.yaml", "--gpus", "8", "--gpu-memory", "inf"),
+                                     "--gpu-memory"),
+    "plan --vocab-size 0": Refused(cmd("plan", "{d}/config.yaml", "--gpus", "8", "--vocab-size", "0"), "--vocab-size"),
+    "prepare --workers 0": Refused(cmd("prepare", "{d}/config.yaml", "--workers", "0"), "--workers"),
+    "bench moe-layer --tokens 0": Refused(cmd("bench", "moe-layer", "--tokens", "0"), "--tokens"),
+    "repro --jobs 0": Refused(cmd("repro", "--jobs", "0", "--dry-run"), "--jobs"),
+    "repro --seeds -1": Refused(cmd("repro", "--seeds", "-1", "--dry-run"), "--seeds"),
+    "finetune --epochs 0": Refused(cmd("finetune", "{d}", "--train", "{d}/notes.txt", "--valid", "{d}/notes.txt",
+                                       "--epochs", "0"), "--epochs"),
+    "finetune --lr inf": Refused(cmd("finetune", "{d}", "--train", "{d}/notes.txt", "--valid", "{d}/notes.txt",
+                                     "--lr", "inf"), "--lr"),
+    "finetune --num-classes 1": Refused(cmd("finetune", "{d}", "--train", "{d}/notes.txt", "--valid",
+                                            "{d}/notes.txt", "--num-classes", "1"), "--num-classes"),
+    "finetune --out into the user's folder": Refused(cmd("finetune", "{d}", "--train", "{d}/notes.txt", "--valid",
+                                                         "{d}/notes.txt", "--out", "{d}"), "--out: {d} already holds"),
+    "a misspelled command": Refused(cmd("trian", "{d}/config.yaml"), "'trian'"),
+    "an unknown option": Refused(cmd("train", "{d}/config.yaml", "--max-steps", "3"), "--max-steps"),
+}
+
+CONFIG_VALUES = {  # values that pass a type check but would fail later (or train on nonsense): refused at load
+    "train.seed=-1": Refused(run_cfg("train.seed=-1"), "train.seed (-1)"),
+    "train.seed=2**32": Refused(run_cfg("train.seed=4294967296"), "train.seed (4294967296)"),
+    "train.lr=.inf": Refused(run_cfg("train.lr=.inf"), "train.lr = inf is not a finite number"),
+    "train.lr=.nan": Refused(run_cfg("train.lr=.nan"), "train.lr = nan is not a finite number"),
+    "train.beta2=1": Refused(run_cfg("train.beta2=1.0"), "train.beta2 (1.0)"),
+    "train.weight_decay=-0.1": Refused(run_cfg("train.weight_decay=-0.1"), "train.weight_decay (-0.1)"),
+    "train.max_steps=1.5": Refused(run_cfg("train.max_steps=1.5"), "train.max_steps = 1.5 must be a whole number"),
+    "train.grad_clip=-1": Refused(run_cfg("train.grad_clip=-1"), "train.grad_clip (-1.0)"),
+    "moe.capacity_factor=0.01": Refused(run_cfg("moe.capacity_factor=0.01"), "moe.capacity_factor (0.01)"),
+    "moe.jitter=1": Refused(run_cfg("moe.jitter=1"), "moe.jitter (1.0)"),
+    "model.d_model=[64]": Refused(run_cfg("model.d_model=[64]"), "model.d_model = [64] has the wrong type"),
+    "an override with an empty key part": Refused(run_cfg("train..lr=1"), "override 'train..lr'"),
+}
+
+YAML_FILES = {  # mistakes in the YAML itself: one line naming the file (and the line)
+    "a key given twice": Refused(cmd("train", "{d}/dup.yaml"), "{d}/dup.yaml is not valid YAML (line 3",
+                                 setup=write("dup.yaml", b"train:\n  lr: 0.1\n  lr: 0.2\n")),
+    "a section given twice": Refused(cmd("train", "{d}/dup.yaml"), "key 'model' appears twice",
+                                     setup=write("dup.yaml", b"model: {d_model: 64}\nmodel: {n_layers: 2}\n")),
+    "a tab for indentation": Refused(cmd("train", "{d}/tab.yaml"), "{d}/tab.yaml is not valid YAML",
+                                     setup=write("tab.yaml", b"train:\n\tlr: 0.1\n")),
+    "not UTF-8": Refused(cmd("train", "{d}/latin1.yaml"), "{d}/latin1.yaml is not UTF-8",
+                         setup=write("latin1.yaml", "output_dir: caf\u00e9\n".encode("latin-1"))),
+    "a folder as the config": Refused(cmd("train", "{d}"), "config file {d} is not a file"),
+    "a list at top level": Refused(cmd("train", "{d}/list.yaml"), "{d}/list.yaml must hold a mapping",
+                                   setup=write("list.yaml", b"- train\n- model\n")),
+    "a section that is a number": Refused(cmd("train", "{d}/scalar.yaml"), "model must be a mapping",
+                                          setup=write("scalar.yaml", b"model: 5\n")),
+}
+
+SIZES = {  # what would allocate gigabytes (or more than any machine) is refused before anything is built
+    "moe.num_experts=100000": Refused(run_cfg("moe.num_experts=100000"), "out of memory before the first step"),
+    "model.seq_len=10**7": Refused(run_cfg("model.seq_len=10000000"), "model.seq_len 10000000"),
+    "model.n_layers=5000": Refused(run_cfg("model.n_layers=5000"), "model.n_layers (5000)"),
+    "parallel.threads_per_rank=100000": Refused(run_cfg("parallel.threads_per_rank=100000"),
+                                                "parallel.threads_per_rank (100000)"),
+}
+
+
+def prepared_by_someone_else(d: Path) -> None:
+    (d / "data").mkdir()
+    (d / "data" / "train.bin").write_bytes(b"their tokens")
+    (d / "data" / "meta.json").write_text('{"theirs": true}')
+
+
+def locked_by_a_live_run(d: Path) -> None:
+    """output_dir (beside the user's folder) held as a running `train` holds it: a flock, its pid and host."""
+    import fcntl
+
+    out = d.parent / "out"
+    out.mkdir()
+    holder = open(out / LOCK_FILE, "w")
+    holder.write("pid 4242 on host elsewhere\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    LIVE_LOCKS.append(holder)  # closed by the test
+
+
+LIVE_LOCKS: list = []
+
+OUR_FILES = {  # nothing a user made is overwritten, and one run at a time per output_dir
+    "prepare into someone else's data folder": Refused(cmd("prepare", "{d}/config.yaml", "data.prepared_dir={d}/data"),
+                                                       "data.prepared_dir: {d}/data already holds files",
+                                                       setup=prepared_by_someone_else),
+    "output_dir locked by a live run": Refused(run_cfg(), "is in use by another run (pid 4242 on host elsewhere",
+                                               setup=locked_by_a_live_run),
+    "output_dir whose config files are the user's": Refused(
+        lambda d: ["train", str(d / "config.yaml"), f"output_dir={d}"], "config.resolved.yaml are files competesmoe did not write",
+        setup=write("config.resolved.yaml", b"# mine too\n")),
+}
+
+BY_CLASS = {**CLI_OPTIONS, **CONFIG_VALUES, **YAML_FILES, **SIZES, **OUR_FILES}
+
+
+@pytest.mark.parametrize("name", list(BY_CLASS))
+def test_refused_by_class(name, tmp_path):
+    case = BY_CLASS[name]
+    user = user_folder(tmp_path)
+    case.setup(user)
+    before = snapshot(user)
+    try:
+        line = one_error_line(run_in_process(case.args(user)))
+    finally:
+        while LIVE_LOCKS:
+            LIVE_LOCKS.pop().close()
+    assert case.needle.replace("{d}", str(user)) in line, line
+    assert snapshot(user) == before  # the user's files, byte for byte, and nothing added but a released lock
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_at_least_forty_cases_by_class():
+    assert len(BY_CLASS) >= 40
+
+
+# ------------------------------------------------------------------------------ the same, end to end (subprocesses)
+
+
+def test_refused_end_to_end_without_a_traceback(tmp_path):
+    """A handful of the classes above through a real process: an option, a YAML mistake, a size."""
+    user = user_folder(tmp_path)
+    before = snapshot(user)
+    for args, needle in ((["plan", str(user / "config.yaml"), "--gpus", "8", "--mfu", "nan"], "--mfu"),
+                         (["train", str(user / "config.yaml"), "train.seed=-1"], "train.seed (-1)"),
+                         (["train", str(user / "config.yaml"), f"output_dir={tmp_path / 'out'}",
+                           "moe.num_experts=100000"], "GiB")):
+        line = one_error_line(competesmoe(*args, timeout=300))
+        assert needle in line, line
+    assert snapshot(user) == before
+
+
+def test_a_second_run_on_a_locked_output_dir_names_the_holder(tmp_path):
+    """A live `train` holds output_dir: a second one stops at once naming its pid and host, and writes nothing."""
+    user = user_folder(tmp_path)
+    locked_by_a_live_run(user)
+    try:
+        line = one_error_line(competesmoe("train", str(user / "config.yaml"), f"output_dir={tmp_path / 'out'}",
+                                          timeout=300))
+    finally:
+        LIVE_LOCKS.pop().close()
+    assert "in use by another run (pid 4242 on host elsewhere" in line, line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_FILE]
+
+
+def test_a_split_shorter_than_a_window_is_refused_before_the_first_step(tmp_path):
+    """valid and test hold fewer tokens than one window: once the corpus is prepared, `train` refuses before any
+    process group exists (no metrics, no checkpoint, the user's corpus as it was), and nothing it leaves blocks the
+    corrected rerun. (A corpus prepared by `train` itself is checked right after it is prepared.)"""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "corpus.txt").write_bytes(b"".join(b"line %d of a short corpus\n" % i for i in range(1600)))  # 5%: 2 KB
+    before = snapshot(user)
+    data = [f"data.path={user / 'corpus.txt'}", f"data.prepared_dir={tmp_path / 'data'}"]
+    out = tmp_path / "out"
+    assert run_in_process(["prepare", TINY, *data]).returncode == 0
+    line = one_error_line(run_in_process(["train", TINY, f"output_dir={out}", *data, "train.micro_batch_size=1",
+                                          "model.seq_len=4096"]))
+    assert "the valid split of corpus corpus.txt has" in line and "model.seq_len" in line, line
+    assert snapshot(user) == before
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    from competesmoe.launcher.config import load_config
+    from competesmoe.launcher.run_dir import RunDir
+
+    with RunDir(load_config(TINY, [f"output_dir={out}"]), out):  # the rerun would start
+        pass

@@ -158,9 +158,9 @@ SCONTROL = """#!/bin/bash
 [ "$1 $2" = "show hostnames" ] && { printf 'gpu-a01\\n'; sleep 0.3; printf 'gpu-a02\\n'; }
 """
 COMPETESMOE = """#!/bin/bash
-# the real CLI, told to print its command only; prepare just says what it would prepare
+# the real CLI, told to print its command only; prepare just says what it would prepare (its arguments as JSON)
 sub=$1; shift
-[ "$sub" = prepare ] && {{ printf 'PREPARE'; printf ' %q' "$@"; printf '\\n'; exit 0; }}
+[ "$sub" = prepare ] && exec "{python}" -c 'import json, sys; print("PREPARE", json.dumps(sys.argv[1:]))' "$@"
 exec "{python}" -m competesmoe.launcher.cli "$sub" --dry-run "$@"
 """
 
@@ -171,7 +171,9 @@ def stub(folder: Path, name: str, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]]:
+def run_sbatch(tmp_path, args=("configs/switch-small.yaml", "output_dir=/shared/runs/s"),
+               **env) -> tuple[list[tuple[dict, list[str]]], list[str]]:
+    import json
     import sys
 
     bin_dir = tmp_path / "bin"
@@ -181,8 +183,8 @@ def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]
     stub(bin_dir, "competesmoe", COMPETESMOE.format(python=sys.executable))
     slurm = {"SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
              "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "32"}
-    result = subprocess.run(["bash", str(DOCKER / "slurm" / "train.sbatch"), "configs/switch-small.yaml",
-                             "output_dir=/shared/runs/s"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(["bash", str(DOCKER / "slurm" / "train.sbatch"), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300,
                             env={**os.environ, **slurm, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.splitlines()
@@ -192,7 +194,7 @@ def run_sbatch(tmp_path, **env) -> tuple[list[tuple[dict, list[str]]], list[str]
     assert out.index(prepares[0]) < out.index(lines[0]), "prepare runs before the nodes start"
     # every step's task gets the job's cores (recent srun does not inherit sbatch's --cpus-per-task)
     assert [line for line in out if line.startswith("SRUN ")] == ["SRUN cpus-per-task=32"] * 2, result.stdout
-    return [underlying(line) for line in lines], shlex.split(prepares[0])[1:]
+    return [underlying(line) for line in lines], json.loads(prepares[0][len("PREPARE "):])
 
 
 def test_sbatch_parses():
@@ -293,3 +295,153 @@ def test_config_paths_exist_in_image(spec):
     text = (DOCKER / spec).read_text()
     for path in re.findall(r"/opt/competesmoe/(\S+\.yaml)", text):
         assert (ROOT / path).is_file(), path
+
+
+# ---------------------------------------------------------------------------------------------- hostile arguments
+# A config path and overrides full of what shells, YAML and the orchestrators read must reach `competesmoe train`
+# (and `prepare`) byte for byte on every node, and reach the config as the same text.
+
+
+def hostile_args(tmp_path: Path, count: int = 4) -> list[str]:
+    """[config, *overrides], the first `count` of them (as many as the spec has run arguments): spaces, both quotes,
+    $, ${}, $(...), backquotes, ;, |, &, globs, #, a backslash, YAML's flow and mapping syntax, Slurm's %j and
+    unicode. A shell that read any of them would create CANARY. The last override lets any world size run."""
+    import shutil
+
+    canary = tmp_path / "CANARY"
+    folder = tmp_path / "cfg dir 'q' \"dq\" $HOME ;& ü"
+    folder.mkdir(exist_ok=True)
+    config = folder / "switch small $(touch CANARY) `touch CANARY`.yaml"  # a shell would touch ROOT/CANARY
+    shutil.copy(ROOT / "configs" / "switch-small.yaml", config)
+    return [str(config),
+            f"output_dir=/shared/runs/a b'c\"d $HOME ${{HOME}} $(touch {canary}) `touch {canary}`;touch {canary} | & "
+            f"* ? ~ \\ ü 東京 #3",
+            "data.prepared_dir=/shared/prep/$$ $(NODE_RANK) $(HOME) %x-%j [a, b] {c: d}: e - f",
+            "parallel.expert_parallel_size=1"][:count]
+
+
+def check_hostile_arrival(tmp_path: Path, sent: list[str], train: list[str]) -> None:
+    """What `train` got is what was sent, and the config reads the text of each override as it was typed."""
+    from competesmoe.launcher.config import load_config
+
+    assert train == sent
+    cfg = load_config(train[0], train[1:])
+    typed = {"output_dir": cfg.output_dir, "data.prepared_dir": cfg.data.prepared_dir,
+             "parallel.expert_parallel_size": str(cfg.parallel.expert_parallel_size)}
+    for override in sent[1:]:
+        key, value = override.split("=", 1)
+        assert typed[key] == value, key
+    assert not (tmp_path / "CANARY").exists() and not (ROOT / "CANARY").exists(), "a shell ran part of an argument"
+
+
+def test_sbatch_passes_hostile_arguments_byte_for_byte(tmp_path):
+    sent = hostile_args(tmp_path)
+    for launcher in ("torchrun", "deepspeed"):
+        nodes, prepare = run_sbatch(tmp_path, args=sent, LAUNCHER=launcher)
+        assert prepare == sent
+        for _, argv in nodes:
+            check_hostile_arrival(tmp_path, sent, train_args(argv))
+
+
+def yaml_single_quoted(text: str) -> str:
+    """An argument as docker/compose.yaml and docker/k8s/train-job.yaml tell users to write one: a YAML
+    single-quoted string (' doubled), every $ doubled (both compose and Kubernetes read $)."""
+    return "'" + text.replace("'", "''").replace("$", "$$") + "'"
+
+
+def kubernetes_expand(text: str, env: dict[str, str]) -> str:
+    """What the kubelet does to a container's command and args (kubernetes third_party/forked/golang/expansion/
+    expand.go): $$ is $, $(NAME) is NAME's value where the container defines it (else left as written), any other
+    $ stays."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "$" and i + 1 < len(text):
+            close = text.find(")", i + 2) if text[i + 1] == "(" else -1
+            if text[i + 1] == "$":
+                out.append("$")
+            elif close >= 0:
+                name = text[i + 2:close]
+                out.append(env.get(name, f"$({name})"))
+                i = close + 1
+                continue
+            else:
+                out.append(text[i:i + 2])
+            i += 2
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+COMPOSE_DOLLAR = re.compile(r"\$(\$|[_A-Za-z][_A-Za-z0-9]*|\{[^}]*\}|)")
+
+
+def compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """What docker compose does to every string of its file (compose-spec 'Interpolation'): $$ is $, $NAME and
+    ${NAME} are NAME's value (empty when unset), any other $ is an error."""
+    def one(match: re.Match) -> str:
+        token = match.group(1)
+        if token == "$":
+            return "$"
+        if not token:
+            raise ValueError(f"invalid interpolation format in {text!r}")
+        return env.get(token.strip("{}").split(":")[0], "")
+
+    return COMPOSE_DOLLAR.sub(one, text)
+
+
+def with_run_args(spec_text: str, original: list[str], sent: list[str]) -> str:
+    """The spec file's text with its run arguments (written as single-quoted YAML strings) replaced, as a user
+    edits them, by `sent` written the way the file's header says."""
+    assert len(original) == len(sent)
+    for old, new in zip(original, sent):
+        quoted = f"'{old}'"
+        assert quoted in spec_text, f"{old} is not written as a single-quoted YAML string"
+        spec_text = spec_text.replace(quoted, yaml_single_quoted(new))
+    return spec_text
+
+
+def strings_mapped(node, fn):
+    if isinstance(node, dict):
+        return {k: strings_mapped(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [strings_mapped(v, fn) for v in node]
+    return fn(node) if isinstance(node, str) else node
+
+
+def test_compose_passes_hostile_arguments_byte_for_byte(tmp_path):
+    text = (DOCKER / "compose.yaml").read_text()
+    assert "$$" in text and "single-quoted" in text  # the header tells how to write an argument
+    original = [str(w) for w in yaml.safe_load(text)["services"]["prepare"]["command"][1:]]
+    sent = hostile_args(tmp_path, len(original))
+    env = {"HOME": "/home/someone", "NODE_RANK": "5"}
+    edited = yaml.safe_load(with_run_args(text, original, sent))
+    services = strings_mapped(edited, lambda s: compose_interpolate(s, env))["services"]
+    assert [str(w) for w in services["prepare"]["command"][1:]] == sent
+    for name in ("node0", "node1"):
+        _, argv = dry_run([str(word) for word in services[name]["command"]])
+        check_hostile_arrival(tmp_path, sent, train_args(argv))
+    # the control: written as they are, without the $$, compose would have changed them (or refused the file)
+    unescaped = with_run_args(text, original, sent).replace("$$", "$")
+    with pytest.raises(ValueError):
+        strings_mapped(yaml.safe_load(unescaped), lambda s: compose_interpolate(s, env))
+
+
+def test_kubernetes_passes_hostile_arguments_byte_for_byte(tmp_path):
+    text = (DOCKER / "k8s" / "train-job.yaml").read_text()
+    assert "$$" in text and "single-quoted" in text
+    pod = next(d for d in yaml.safe_load_all(text) if d["kind"] == "Job")["spec"]["template"]["spec"]
+    original = [str(w) for w in pod["initContainers"][0]["command"][2:]]
+    sent = hostile_args(tmp_path, len(original))
+    edited = next(d for d in yaml.safe_load_all(with_run_args(text, original, sent)) if d["kind"] == "Job")
+    pod = edited["spec"]["template"]["spec"]
+    for index in range(edited["spec"]["completions"]):
+        env = {"NODE_RANK": str(index), "HOME": "/root"}
+        init = [kubernetes_expand(str(w), env) for w in pod["initContainers"][0]["command"]]
+        assert init[2:] == sent
+        command = [kubernetes_expand(str(w), env) for w in pod["containers"][0]["command"]]
+        _, argv = dry_run(command[1:])
+        check_hostile_arrival(tmp_path, sent, train_args(argv))
+    # the control: without the $$, the kubelet would have put node ranks and HOME into them
+    every = hostile_args(tmp_path)
+    assert [kubernetes_expand(arg, {"NODE_RANK": "1", "HOME": "/root"}) for arg in every] != every

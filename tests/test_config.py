@@ -33,6 +33,18 @@ def test_overrides_keep_types():
     assert cfg.train.max_steps == 40 and cfg.moe.competition.rate == 0.5 and cfg.output_dir == "/tmp/x"
 
 
+def test_valid_yaml_spellings_are_accepted(tmp_path):
+    """YAML 1.2 numbers (1e-3, 5E2, .5, 1_000, 0x10), a whole float for an int field, a section left empty, and text
+    that YAML would read as a number or a comment kept as typed in a text field."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  max_steps: 5E2\n  warmup_steps: 0x10\n  log_every: 1_000\n"
+                    "  min_lr_ratio: .5\nmoe:\n  # every line of it commented out\n")
+    cfg = load_config(path, ["output_dir=/runs/exp #3", "data.prepared_dir=2024", "train.weight_decay=1e-2"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.log_every) == (1e-3, 500, 16, 1000)
+    assert cfg.train.min_lr_ratio == 0.5 and cfg.train.weight_decay == 0.01 and cfg.moe.num_experts == 8
+    assert cfg.output_dir == "/runs/exp #3" and cfg.data.prepared_dir == "2024"
+
+
 @pytest.mark.parametrize("override,needle", [
     (["moe.top_kk=2"], "did you mean moe.top_k"),
     (["trian.max_steps=3"], "did you mean train"),

@@ -157,7 +157,7 @@ def test_prepare_splits_and_meta(byte_prep, small_corpus, small_text):
     assert meta["source"]["bytes"] == n
     assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".prepare.lock", "meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")])  # no temp dir left
+        [".competesmoe-prepared", ".prepare.lock", "meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")])  # no temp dir left
 
 
 def test_prepare_reads_compressed(small_corpus, small_text, byte_prep, tmp_path):
@@ -197,6 +197,7 @@ def test_prepare_finishes_a_half_done_preparation(small_corpus, byte_prep, tmp_p
     out = tmp_path / "half"
     out.mkdir()
     (out / "train.bin").write_bytes(b"\x00" * 10)  # left by an interrupted run: no meta.json
+    (out / ".prepare.lock").touch()  # which had taken the lock first (and, since the marker, left the marker)
     meta = prepare(DataConfig(path=str(small_corpus)), out, progress=False)
     assert meta == byte_prep[1]
     assert np.array_equal(split_tokens(out, "train"), split_tokens(byte_prep[0], "train"))
@@ -656,7 +657,7 @@ def test_bad_input_is_refused_in_one_line_or_skipped(kind, inputs_dir, tmp_path,
         prepare(inputs_cfg(root), out, progress=False, workers=1)
     message = str(err.value)
     assert needle in message and "--skip-bad-input" in message and "\n" not in message, message
-    assert not (out / "meta.json").exists() and [p.name for p in out.iterdir()] == [".prepare.lock"]
+    assert not (out / "meta.json").exists() and sorted(p.name for p in out.iterdir()) == [".competesmoe-prepared", ".prepare.lock"]
 
     meta = prepare(inputs_cfg(root), out, progress=False, workers=1, skip_bad_input=True)
     skipped = meta["skipped"]

@@ -97,8 +97,11 @@ def test_hardware_figures_are_named_and_options_override_them(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "12"], "--gpus 12 is not a whole number of 8-GPU nodes"),
-    (["--gpus", "8", "--mfu", "1.5"], "--mfu = 1.5 must be positive and at most 1"),
-    (["--gpus", "8", "--inter-node-GBps", "0"], "--inter-node-GBps = 0.0 must be positive"),
+    (["--gpus", "8", "--mfu", "1.5"], "argument --mfu: 1.5 must be within (0, 1]"),
+    (["--gpus", "8", "--mfu", "nan"], "argument --mfu: nan is not a finite number"),
+    (["--gpus", "8", "--inter-node-GBps", "0"], "argument --inter-node-GBps: 0 must be above 0"),
+    (["--gpus", "8", "--gpu-memory", "inf"], "argument --gpu-memory: inf is not a finite number"),
+    (["--gpus", "0"], "argument --gpus: 0 must be at least 1"),
     (["moe.num_experts=0", "--gpus", "8"], "moe.num_experts (0) must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):

@@ -51,6 +51,7 @@ import time
 from types import SimpleNamespace
 
 from competesmoe.common.errors import UserError
+from competesmoe.common.options import OneLineParser, integer, number
 
 QUICK = dict(d_model=32, experts=4, hidden=64, tokens=256, iters=2, warmup=1, competition_iters=1)
 _NOT_OPTIONS = ("command", "bench_target", "run_command")
@@ -71,15 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     moe = sub.add_parser("moe-layer", help="our MoE layer vs deepspeed.moe.layer.MoE: speed, expert "
                                            "efficiency, competition cost, communication, memory",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    moe.add_argument("--d-model", type=int, default=256)
-    moe.add_argument("--experts", type=int, default=8, help="global experts E")
-    moe.add_argument("--hidden", type=int, default=1024, help="expert hidden width")
-    moe.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    moe.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="top-K values to measure")
-    moe.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
-    moe.add_argument("--iters", type=int, default=7, help="timed iterations per variant (median)")
-    moe.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant first")
-    moe.add_argument("--competition-iters", type=int, default=3,
+    moe.add_argument("--d-model", type=integer(1), default=256)
+    moe.add_argument("--experts", type=integer(1), default=8, help="global experts E")
+    moe.add_argument("--hidden", type=integer(1), default=1024, help="expert hidden width")
+    moe.add_argument("--tokens", type=integer(1), default=4096, help="tokens per rank")
+    moe.add_argument("--top-k", type=integer(1), nargs="+", default=[1, 2], help="top-K values to measure")
+    moe.add_argument("--ep", type=integer(1), nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
+    moe.add_argument("--iters", type=integer(1), default=7, help="timed iterations per variant (median)")
+    moe.add_argument("--warmup", type=integer(0), default=2, help="untimed iterations per variant first")
+    moe.add_argument("--competition-iters", type=integer(1), default=3,
                      help="timed iterations of the competition steps and their floor (median)")
     moe.add_argument("--ds-capacity-factor", type=_capacity_factor, default=None, metavar="F|E/K",
                      help="run DeepSpeed with drop_tokens=True and capacity factor F (capacity "
@@ -89,9 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="wall: elapsed time (what a training step costs on a quiet machine); cpu: each "
                           "rank's process CPU time (less skewed by other work on a shared machine, but "
                           "blind to time spent waiting for the other rank)")
-    moe.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes)")
-    moe.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    moe.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    moe.add_argument("--nproc", type=integer(1), default=2, help="ranks (gloo processes)")
+    moe.add_argument("--threads", type=integer(1), default=1, help="intra-op threads per rank")
+    moe.add_argument("--timeout", type=number(0, low_open=True), default=3600.0,
+                     help="give up after this many seconds")
     moe.add_argument("--quick", action="store_true",
                      help="tiny shapes and few iterations (a smoke test; figures mean nothing): "
                           + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
@@ -108,13 +110,14 @@ def _add_train(sub) -> None:
                            description=whole_model.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", help="the run's YAML config (its model, MoE and engine settings)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, as for `competesmoe train`")
-    train.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
-    train.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes)")
-    train.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    train.add_argument("--iters", type=int, default=10, help="timed steps per model (median)")
-    train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    train.add_argument("--comm-iters", type=int, default=3, help="further steps timing the communication")
-    train.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    train.add_argument("--ep", type=integer(1), nargs="+", default=[1, 2], help="expert-parallel sizes to measure")
+    train.add_argument("--nproc", type=integer(1), default=2, help="ranks (gloo processes)")
+    train.add_argument("--threads", type=integer(1), default=1, help="intra-op threads per rank")
+    train.add_argument("--iters", type=integer(1), default=10, help="timed steps per model (median)")
+    train.add_argument("--warmup", type=integer(0), default=2, help="untimed steps per model first")
+    train.add_argument("--comm-iters", type=integer(1), default=3, help="further steps timing the communication")
+    train.add_argument("--timeout", type=number(0, low_open=True), default=3600.0,
+                       help="give up after this many seconds")
     train.add_argument("--quick", action="store_true", help="smoke-test settings: " +
                        ", ".join(f"{k} {v}" for k, v in TRAIN_QUICK.items()))
 
@@ -122,40 +125,27 @@ def _add_train(sub) -> None:
 def _capacity_factor(text: str):
     if text.replace(" ", "").upper() == "E/K":
         return "E/K"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor E/K") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+    return number(0, low_open=True)(text)
 
 
 def _validate(opts: SimpleNamespace) -> None:
+    """What the options' types cannot check alone (each option's own range: add_arguments)."""
     if opts.bench == "train":
         return _validate_train(opts)
-    for name in ("d_model", "experts", "hidden", "tokens", "iters", "competition_iters", "nproc", "threads"):
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if opts.warmup < 0:
-        raise UserError("--warmup must be at least 0")
     for k in opts.top_k:
         if not 1 <= k <= opts.experts:
             raise UserError(f"--top-k {k} must be between 1 and --experts ({opts.experts})")
     for ep in opts.ep:
-        if ep < 1 or opts.nproc % ep or opts.experts % ep:
+        if opts.nproc % ep or opts.experts % ep:
             raise UserError(f"--ep {ep} must divide both --nproc ({opts.nproc}) and --experts ({opts.experts})")
 
 
 def _validate_train(opts: SimpleNamespace) -> None:
     from competesmoe.launcher.config import load_config
 
-    for name in ("iters", "comm_iters", "nproc", "threads"):
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     cfg = load_config(opts.config, opts.overrides)  # a bad config or override: ConfigError, one line
     for ep in opts.ep:
-        if ep < 1 or opts.nproc % ep or cfg.moe.num_experts % ep:
+        if opts.nproc % ep or cfg.moe.num_experts % ep:
             raise UserError(f"--ep {ep} must divide both --nproc ({opts.nproc}) and moe.num_experts "
                             f"({cfg.moe.num_experts})")
     if cfg.moe.top_k > 2:
@@ -204,11 +194,10 @@ def _loadavg() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="competesmoe bench", description="Benchmarks.")
+    parser = OneLineParser(prog="competesmoe bench", description="Benchmarks.")
     add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run(parser.parse_args(argv))
     except UserError as err:
         print(f"competesmoe bench: error: {err}", file=sys.stderr)
         return 2

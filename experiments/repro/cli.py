@@ -34,8 +34,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from competesmoe.common.errors import UserError
+from competesmoe.common.options import integer
 from competesmoe.experiments.repro.grid import ABLATIONS, BUDGETS, METHODS, build_grid, shown
+from competesmoe.launcher.config import SEED_LIMIT
 
 
 def add_command(subparsers) -> None:
@@ -58,15 +59,16 @@ def add_arguments(parser) -> None:
                         help="train and evaluate on this text file (split 90/5/5 by bytes, byte level) instead of "
                              "the bundled Wikipedia fragment; keep a --runs-dir per corpus")
     parser.add_argument("--methods", nargs="+", metavar="METHOD", help=f"subset of: {' '.join(METHODS)}")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="train.seed values (default: the budget's)")
-    parser.add_argument("--steps", type=int, default=None, help="override train.max_steps of the budget")
+    parser.add_argument("--seeds", nargs="+", type=integer(0, SEED_LIMIT - 1), metavar="SEED",
+                        help="train.seed values (default: the budget's)")
+    parser.add_argument("--steps", type=integer(1), default=None, help="override train.max_steps of the budget")
     parser.add_argument("--ablation", choices=list(ABLATIONS), default=None,
                         help="a preset ablation grid (with its default methods)")
     parser.add_argument("--vary", action="append", metavar="KEY=V1,V2",
                         help="ablate any config field (repeat for a product), e.g. moe.competition.rate=0.01,0.5")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra override for every run")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (timings are cleanest with 1)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--jobs", type=integer(1), default=1, help="runs at the same time (timings are cleanest with 1)")
+    parser.add_argument("--threads", type=integer(1), default=1,
                         help="threads per run (default 1: on a 2-core machine shared with other jobs, 2 threads "
                              "measured 4x slower)")
     parser.add_argument("--config", default=None, help="base YAML (default configs/tiny-cpu.yaml)")
@@ -80,10 +82,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    if args.jobs < 1 or args.threads < 1:
-        raise UserError(f"--jobs ({args.jobs}) and --threads ({args.threads}) must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps ({args.steps}) must be at least 1")
     grid = build_grid(args)
     if args.dry_run:
         for run in grid.runs:
