@@ -45,9 +45,9 @@ def claim_folder(folder: str | Path, marker: str, setting: str, made_by_us=lambd
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{setting}: {folder} exists and is not a folder; set {setting} to a new or empty folder")
-    if folder.is_dir() and not (folder / marker).exists():
-        foreign = sorted(p.name for p in folder.iterdir())
-        if foreign and not made_by_us(folder):
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir())  # listed once: a concurrent claim may add the marker
+        if foreign and marker not in foreign and not made_by_us(folder):
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise UserError(f"{setting}: {folder} already holds files this command did not write ({shown}); nothing "
                             f"was written: set {setting} to a new or empty folder")

@@ -33,15 +33,22 @@ CAPTIONS = {
 }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and std of the figures a run has (None: e.g. a throughput of a run too short to time)."""
+    values = [v for v in values if v is not None]
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float], digits: int = 3) -> str:
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt(values: list[float | None], digits: int = 3) -> str:
     mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    known = sum(v is not None for v in values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if known > 1 else f"{mean:.{digits}f}"
 
 
 def collect(grid: Grid) -> Groups:
@@ -309,5 +316,5 @@ def _every_run(groups: Groups) -> list[str]:
     for key, results in groups.items():
         for r in results:
             lines.append(f"| {label(key)} | {r['seed']} | {r['valid_bpc']:.4f} | {r['test_bpc']:.4f} | "
-                         f"{r['tokens_per_s_median']:.0f} | {r['wall_s']:.0f} | {r['analysis_s']:.0f} |")
+                         f"{_number(r['tokens_per_s_median'], 0)} | {r['wall_s']:.0f} | {r['analysis_s']:.0f} |")
     return lines + [""]
