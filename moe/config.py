@@ -207,6 +207,12 @@ class MoEConfig:
     """Hidden width of each expert FFN."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Expert FFN: GELU MLP, or SwiGLU (gate and up projections)."""
+    grouped_gemm: Literal["auto", "on", "off"] = "auto"
+    """How the experts of a router step multiply (Megatron's --moe-grouped-gemm): 'on' = one grouped GEMM per weight
+    matrix for all experts (torch.nn.functional.grouped_mm; runs on CPU, and on CUDA in bf16 on compute capability
+    8.0+; an error elsewhere); 'off' = one product per expert; 'auto' (default) = grouped GEMM on CUDA where it
+    runs, per expert otherwise (on CPU torch's grouped GEMM measured slower and larger than the per-expert loop:
+    `competesmoe bench moe-layer`). The numbers agree to rounding either way."""
     expert_init: Literal["fan_in", "official_lm"] = "fan_in"
     """Initial expert weights. 'fan_in' (default): w_in ~ N(0, 1/d_model), w_out ~ N(0, 1/expert_hidden).
     'official_lm': the v2 LM code's (layers/moe/moe.py with relative_moe_transformer.py's scale sqrt(2/n_layers)):

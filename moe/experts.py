@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from competesmoe.common.errors import ConfigError
+
 
 class GroupedExperts(nn.Module):
     """E feed-forward experts (GELU or SwiGLU) stored as stacked [E, ...] weights.
 
     `forward` runs tokens already sorted by expert: one grouped GEMM per matrix for all experts
-    (`torch.nn.functional.grouped_mm`) where the device supports it (`grouped_gemm_supported`), else one product per
-    expert; `forward_all` lets every expert answer every token (competition): one product for all experts' input
+    (`torch.nn.functional.grouped_mm`) or one product per expert, as `grouped_gemm` says (moe.grouped_gemm: 'auto'
+    takes grouped GEMM on CUDA where it runs, the per-expert loop elsewhere); `forward_all` lets every expert answer every token (competition): one product for all experts' input
     projections and one batched product for their outputs.
 
     `recompute_hidden` (set by the parallelize step's activation checkpointing) keeps no hidden layer for
@@ -29,10 +31,12 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu",
-                 init_stds: tuple[float, float] | None = None):
-        """init_stds: the standard deviations of w_in and w_out at init (`expert_init_stds`); None = fan-in."""
+                 init_stds: tuple[float, float] | None = None, grouped_gemm: str = "auto"):
+        """init_stds: the standard deviations of w_in and w_out at init (`expert_init_stds`); None = fan-in.
+        grouped_gemm: 'auto', 'on' or 'off', as moe.grouped_gemm."""
         super().__init__()
         self.activation = activation
+        self.grouped_gemm = grouped_gemm
         in_width = 2 * hidden if activation == "swiglu" else hidden
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
@@ -63,10 +67,21 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_e: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """x_ND holds counts_e[j] consecutive tokens for local expert j; returns their outputs in the same order.
         counts: the same counts on the host when the caller has them (the per-expert fallback needs them)."""
-        if grouped_gemm_supported(x_ND, self.w_in_EDF, self.w_out_EFD):
+        if self._use_grouped_gemm(x_ND):
             offsets_e = torch.cumsum(counts_e, 0).to(torch.int32)
             return self._checkpointed(self._grouped, x_ND, offsets_e)
         return self._per_expert(x_ND, counts_e.tolist() if counts is None else list(counts))
+
+    def _use_grouped_gemm(self, x_ND: torch.Tensor) -> bool:
+        if self.grouped_gemm == "off":
+            return False
+        supported = grouped_gemm_supported(x_ND, self.w_in_EDF, self.w_out_EFD)
+        if self.grouped_gemm == "on" and not supported:
+            raise ConfigError(f"moe.grouped_gemm is on, but torch's grouped GEMM cannot run {x_ND.dtype} on "
+                            f"{x_ND.device} with d_model {x_ND.shape[-1]} and these expert widths (it needs CPU, or "
+                            f"CUDA bf16 on compute capability 8.0+, and rows of a multiple of 16 bytes); set "
+                            f"moe.grouped_gemm=auto")
+        return supported and (self.grouped_gemm == "on" or x_ND.device.type == "cuda")
 
     def _grouped(self, x_ND: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
         h_NF = _contiguous_grad(F.grouped_mm(x_ND, self.w_in_EDF, offs=offsets_e))

@@ -94,7 +94,8 @@ class MoELayer(nn.Module):
         self.top_k = cfg.top_k
         self.router = ROUTING_POLICIES[cfg.router](cfg, d_model, vocab_size)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
-                                      init_stds=expert_init_stds(cfg, d_model, n_layers))
+                                      init_stds=expert_init_stds(cfg, d_model, n_layers),
+                                      grouped_gemm=cfg.grouped_gemm)
         # The transport; `parallelize` swaps in an expert-parallel one and shards `experts`.
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
 

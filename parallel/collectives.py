@@ -111,6 +111,11 @@ def barrier(device: torch.device, group=None) -> None:
 # Functional (they return new tensors), for the token transport. The device is the tensor's own: the check is
 # that the group's backend serves it.
 
+# Newer torch renamed these two (the old names still work there, with a FutureWarning); older torch has only the old.
+_all_gather_single = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+_reduce_scatter_single = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
+
+
 def _group(group):
     return dist.group.WORLD if group is None else group
 
@@ -126,10 +131,10 @@ def all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[in
 def all_gather(x: torch.Tensor, group, device: torch.device) -> torch.Tensor:
     """The ranks' equally sized x, concatenated along dim 0 in rank order."""
     check_device(device, x, group=group, what="all_gather")
-    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, _group(group)))
+    return funcol.wait_tensor(_all_gather_single(x.contiguous(), 0, _group(group)))
 
 
 def reduce_scatter(x: torch.Tensor, group, device: torch.device) -> torch.Tensor:
     """Sum x over the ranks and keep this rank's equal share of dim 0."""
     check_device(device, x, group=group, what="reduce_scatter")
-    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, _group(group)))
+    return funcol.wait_tensor(_reduce_scatter_single(x.contiguous(), "sum", 0, _group(group)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from competesmoe.common.errors import ConfigError
 from competesmoe.launcher.config import load_config
 from competesmoe.moe import routing
 from competesmoe.moe.config import CompetitionConfig, MoEConfig
@@ -18,8 +19,8 @@ D = 12
 
 def make_layer(**overrides) -> MoELayer:
     competition = overrides.pop("competition", CompetitionConfig())
-    cfg = MoEConfig(num_experts=overrides.pop("num_experts", 6), top_k=overrides.pop("top_k", 2), expert_hidden=10,
-                    competition=competition, **overrides)
+    cfg = MoEConfig(num_experts=overrides.pop("num_experts", 6), top_k=overrides.pop("top_k", 2),
+                    expert_hidden=overrides.pop("expert_hidden", 10), competition=competition, **overrides)
     torch.manual_seed(0)
     layer = MoELayer(cfg, D)
     with torch.no_grad():  # a router sharp enough that top-K has no near-ties
@@ -124,6 +125,19 @@ def test_router_step_matches_token_loop(top_k, activation):
     aux = compare(layer, reference_router_step, compete=False)
     assert aux.stats["competed"].item() == 0.0
     assert aux.stats["expert_fraction"].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_gemm_router_step_matches_token_loop(activation):
+    """moe.grouped_gemm=on: torch's grouped GEMM (CUDA's path under 'auto'), run here on CPU."""
+    layer = make_layer(top_k=2, activation=activation, router="smoe", expert_hidden=16, grouped_gemm="on")
+    compare(layer, reference_router_step, compete=False)
+
+
+def test_grouped_gemm_on_refuses_what_it_cannot_run_in_one_line():
+    layer = make_layer(router="smoe", grouped_gemm="on")  # expert_hidden 10: fp32 rows of 40 bytes
+    with pytest.raises(ConfigError, match=r"^moe.grouped_gemm is on, .* set moe.grouped_gemm=auto$"):
+        layer(torch.randn(1, 5, D))
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
