@@ -23,8 +23,9 @@ class GroupedExperts(nn.Module):
 
     `forward` runs tokens already sorted by expert: one grouped GEMM per matrix for all experts
     (`torch.nn.functional.grouped_mm`) or one product per expert, as `grouped_gemm` says (moe.grouped_gemm: 'auto'
-    takes grouped GEMM on CUDA where it runs, the per-expert loop elsewhere); `forward_all` lets every expert answer every token (competition): one product for all experts' input
-    projections and one batched product for their outputs.
+    takes grouped GEMM on CUDA where it runs, the per-expert loop elsewhere); `forward_all` lets every expert answer
+    every token (competition): one product for all experts' input projections and one batched product for their
+    outputs.
 
     `recompute_hidden` (set by the parallelize step's activation checkpointing) keeps no hidden layer for
     backward: it is recomputed there (in `forward_all` one expert at a time, so at most one is alive).
