@@ -11,6 +11,7 @@ what is there: the run would surely fail, after allocating gigabytes, with a tra
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from competesmoe.common.errors import UserError
 from competesmoe.launcher.config import Config
 
 GiB = 2**30
+STALE_BUILD_LOCK_S = 600
+"""A torch extension build's lock older than this was left by a killed build (a build takes a minute or two)."""
 
 
 def check_threads(cfg: Config) -> None:
@@ -83,3 +86,21 @@ def _cgroup_available() -> int | None:
             return None
         return int(limit) - usage + int(stat.get(cache_key, 0))
     return None
+
+
+def check_build_locks() -> None:
+    """torch's JIT extension builds (DeepSpeed builds its CPU communication op when a run starts) take turns through
+    a lock file in the extensions folder; a build killed midway leaves it behind, and every later start then waits
+    for it forever, saying nothing. A lock older than any build takes is refused in one line instead."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+    for lock in root.glob("*/lock"):
+        try:
+            age_s = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build that held it just finished
+            continue
+        if age_s > STALE_BUILD_LOCK_S:
+            raise UserError(f"{lock}: a build lock {age_s / 60:.0f} min old, left by a torch extension build that was "
+                            f"killed midway (a build takes a minute or two); every start would wait for it forever. "
+                            f"If no build is running, remove the file and start again")

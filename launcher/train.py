@@ -23,7 +23,7 @@ from competesmoe.data.meta import read_meta
 from competesmoe.launcher.checkpoint import CHECKPOINTS, CheckpointManager, TrainingState
 from competesmoe.launcher.config import Config, validate_world
 from competesmoe.launcher.metrics import MetricsWriter
-from competesmoe.launcher.preflight import check_memory, check_threads
+from competesmoe.launcher.preflight import check_build_locks, check_memory, check_threads
 from competesmoe.launcher.run_dir import RunDir, check_writable
 from competesmoe.launcher.trainer import Trainer, deepspeed_config, pick_device
 from competesmoe.parallel import collectives
@@ -99,6 +99,7 @@ def run(cfg: Config) -> None:
     validate_world(cfg, world_size)
     deepspeed_config(cfg)  # parallel.deepspeed_config merged and validated (a conflict is refused here, not later)
     check_threads(cfg)
+    check_build_locks()
     check_writable(run_dir)
     with RunDir(cfg, run_dir) if rank == 0 else contextlib.nullcontext() as claimed:  # one run per output_dir
         check_memory(cfg, device, world_size, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE",

@@ -5,9 +5,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -513,6 +515,22 @@ def test_refused_end_to_end_without_a_traceback(tmp_path):
         line = one_error_line(competesmoe(*args, timeout=300))
         assert needle in line, line
     assert snapshot(user) == before
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named_instead_of_waited_for(tmp_path):
+    """torch would wait for this lock forever (DeepSpeed builds its CPU communication op at start); a fresh lock is
+    another start's build in progress and is waited for, an hour-old one is named in one line."""
+    user = user_folder(tmp_path)
+    lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    result = competesmoe("train", str(user / "config.yaml"), f"output_dir={tmp_path / 'out'}", timeout=300,
+                         env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")})
+    line = one_error_line(result)
+    assert f"{lock}: a build lock 60 min old" in line and "remove the file and start again" in line, line
+    assert lock.exists() and not (tmp_path / "out").exists()
 
 
 def test_a_second_run_on_a_locked_output_dir_names_the_holder(tmp_path):
