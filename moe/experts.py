@@ -79,9 +79,9 @@ class GroupedExperts(nn.Module):
         supported = grouped_gemm_supported(x_ND, self.w_in_EDF, self.w_out_EFD)
         if self.grouped_gemm == "on" and not supported:
             raise ConfigError(f"moe.grouped_gemm is on, but torch's grouped GEMM cannot run {x_ND.dtype} on "
-                            f"{x_ND.device} with d_model {x_ND.shape[-1]} and these expert widths (it needs CPU, or "
-                            f"CUDA bf16 on compute capability 8.0+, and rows of a multiple of 16 bytes); set "
-                            f"moe.grouped_gemm=auto")
+                              f"{x_ND.device} with d_model {x_ND.shape[-1]} and these expert widths (it needs CPU, or "
+                              f"CUDA bf16 on compute capability 8.0+, and rows of a multiple of 16 bytes); set "
+                              f"moe.grouped_gemm=auto")
         return supported and (self.grouped_gemm == "on" or x_ND.device.type == "cuda")
 
     def _grouped(self, x_ND: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
