@@ -17,6 +17,7 @@ The 2-rank cases share one spawn (process start-up dominates).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,30 @@ def test_gpu_check_says_in_one_line_that_it_needs_cuda():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == ["gpu_check: no CUDA device visible to torch (torch.cuda.is_available() is "
                                           "False): run it on a GPU machine"]
+
+
+@pytest.mark.parametrize("scale,agrees", [(1.01, True), (1.2, False)])
+def test_gpu_check_compares_two_runs_losses_within_bf16_tolerance(tmp_path, scale, agrees):
+    """gpu_check's own comparison (EP 2 vs EP 1, grouped GEMM vs loop), run here on two runs' metrics files: a
+    relative loss difference of 1.4e-3 passes, 2.7e-2 fails (the tolerance is 2e-2), and it prints both figures."""
+    import json
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    for name, factor in (("a", 1.0), ("b", scale)):
+        rows = [{"step": s, "split": "train", "loss": 5.0 - 0.1 * s * (factor if s == 6 else 1.0),
+                 "tokens_per_s": 1000.0 * (2 if name == "b" else 1)} for s in range(1, 11)]
+        rows.append({"step": 10, "split": "valid", "loss": 9.0})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    helper = script[script.index("compare_runs() {"):script.index("\n}\n", script.index("compare_runs() {")) + 3]
+    result = subprocess.run(["bash", "-c", f'{helper}\ncompare_runs "$1" "$2"', "gpu_check", str(tmp_path / "a"),
+                             str(tmp_path / "b")], capture_output=True, text=True, timeout=60,
+                            env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert (result.returncode == 0) == agrees, result.stdout + result.stderr
+    worst = abs(0.6 * (scale - 1)) / (5.0 - 0.6)
+    assert result.stdout.strip() == (f"worst relative loss difference {worst:.2e} over 10 steps; tokens/s "
+                                     f"second/first 2.00x")
